@@ -1,0 +1,72 @@
+"""Reading the declarative benchmark definition: YAML cards in `data/`, `models/` and `sims/`.
+
+The repository keeps the cards at its top level; `pyproject.toml` ships them inside the package as
+`jaxbench._cards.<kind>`, so an installed jaxbench (editable or not) finds the same files.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DataError, UnknownNameError
+
+KINDS = ("data", "models", "sims")
+
+
+def card_dir(kind: str) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"card kind must be one of {KINDS}, got {kind!r}")
+    try:
+        path = Path(str(importlib.resources.files(f"jaxbench._cards.{kind}")))
+        if path.is_dir():
+            return path
+    except ModuleNotFoundError:
+        pass
+    # Running from a source tree without installing: the cards sit beside the package.
+    return Path(__file__).resolve().parents[1] / kind
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            card = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise DataError(f"not valid YAML: {e}", file=str(path)) from None
+    except OSError as e:
+        raise DataError(f"cannot read card: {e.strerror}", file=str(path)) from None
+    if not isinstance(card, dict) or "name" not in card:
+        raise DataError("a card must be a mapping with a 'name'", file=str(path))
+    card["_path"] = str(path)
+    return card
+
+
+@functools.lru_cache(maxsize=None)
+def _cards(kind: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted(card_dir(kind).glob("*.yaml")):
+        card = read_card(p)
+        out[card["name"]] = card
+    return out
+
+
+def cards(kind: str) -> dict[str, dict[str, Any]]:
+    """All cards of a kind, by name (a fresh copy each call; callers may mutate)."""
+    import copy
+
+    return copy.deepcopy(_cards(kind))
+
+
+def lookup(kind: str, name: str, known: dict[str, Any]) -> str:
+    """Resolve `name` case-insensitively among `known`; raise `UnknownNameError` with suggestions."""
+    if name in known:
+        return name
+    folded = {k.lower(): k for k in known}
+    if name.lower() in folded:
+        return folded[name.lower()]
+    raise UnknownNameError({"data": "dataset", "models": "model card", "sims": "protocol"}.get(kind, kind), name, known)

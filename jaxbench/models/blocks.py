@@ -1,0 +1,52 @@
+"""Small pieces shared by the model files: radial bases, cutoffs, safe norms, masked sums."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def safe_norm(vectors: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """|v| with a finite gradient at v = 0 (padding edges are never zero-length, but be safe)."""
+    sq = jnp.sum(vectors**2, axis=axis, keepdims=keepdims)
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def polynomial_cutoff(r: jax.Array, r_max: float, p: float = 6.0) -> jax.Array:
+    """NequIP / DimeNet polynomial envelope: 1 at r = 0, smooth (C^2) to 0 at r_max, 0 beyond."""
+    x = r / r_max
+    env = (
+        1.0
+        - (p + 1.0) * (p + 2.0) / 2.0 * x**p
+        + p * (p + 2.0) * x ** (p + 1.0)
+        - p * (p + 1.0) / 2.0 * x ** (p + 2.0)
+    )
+    return jnp.where(x < 1.0, env, 0.0)
+
+
+class BesselBasis(nn.Module):
+    """sqrt(2/r_max) sin(n pi r / r_max) / r, n = 1..num_basis, optionally trainable frequencies
+    (NequIP; MACE uses the same with fixed frequencies)."""
+
+    r_max: float
+    num_basis: int = 8
+    trainable: bool = True
+
+    @nn.compact
+    def __call__(self, r: jax.Array) -> jax.Array:
+        init = lambda key, shape, dtype=jnp.float32: jnp.arange(1, self.num_basis + 1, dtype=dtype) * np.pi  # noqa: E731
+        if self.trainable:
+            freqs = self.param("bessel_weights", init, (self.num_basis,))
+        else:
+            freqs = init(None, (self.num_basis,))
+        freqs = freqs.astype(r.dtype)
+        r_safe = jnp.where(r > 0, r, 1.0)[..., None]
+        prefactor = np.sqrt(2.0 / self.r_max)
+        return prefactor * jnp.sin(freqs * r_safe / self.r_max) / r_safe
+
+
+def masked_sum_to_graphs(node_values: jax.Array, node_graph: jax.Array, node_mask: jax.Array, num_graphs: int):
+    return jax.ops.segment_sum(jnp.where(node_mask, node_values, 0.0), node_graph, num_segments=num_graphs)
