@@ -543,7 +543,6 @@ def read_ase(
                 file=file, key=key, frame=numbers_in_file[k],
             )
 
-    parts = []
     for k, atoms in enumerate(images):
         n = len(atoms)
         fk = numbers_in_file[k]
@@ -551,18 +550,7 @@ def read_ase(
             raise DataError(f"forces have shape {forces[k].shape}, the frame has {n} atoms", file=file, key="forces", frame=fk)
         if stresses[k] is not None and stresses[k].shape != (3, 3):
             raise DataError(f"stress has shape {stresses[k].shape}, expected 3x3, 9 or Voigt 6", file=file, key="stress", frame=fk)
-        parts.append(
-            Frames.from_arrays(
-                positions=atoms.get_positions()[None],
-                numbers=atoms.get_atomic_numbers(),
-                cell=np.asarray(atoms.cell)[None],
-                pbc=atoms.get_pbc(),
-                energy=None if energies[k] is None else [energies[k]],
-                forces=None if forces[k] is None else forces[k][None],
-                stress=None if stresses[k] is None else stresses[k][None],
-                validate=False,
-            )
-        )
+    parts = _labelled_frames(images, energies, forces, stresses)
     frames = Frames.concatenate(parts, info={"format": format or "ase", "files": [file]})
     frames = frames.replace(source=_file_frame_sources(file, numbers_in_file))
     if validate:
@@ -699,6 +687,23 @@ def write_extxyz(frames: Frames, path, exact: bool = True) -> Path:
     return path
 
 
+def _labelled_frames(images, energies, forces, stresses) -> list[Frames]:
+    """One unvalidated `Frames` per image with the given labels (None entries: no label)."""
+    return [
+        Frames.from_arrays(
+            positions=atoms.get_positions()[None],
+            numbers=atoms.get_atomic_numbers(),
+            cell=np.asarray(atoms.cell)[None],
+            pbc=atoms.get_pbc(),
+            energy=None if energies[k] is None else [energies[k]],
+            forces=None if forces[k] is None else np.asarray(forces[k])[None],
+            stress=None if stresses[k] is None else stresses[k][None],
+            validate=False,
+        )
+        for k, atoms in enumerate(images)
+    ]
+
+
 def frames_from_atoms(images, validate: bool = True) -> Frames:
     """`ase.Atoms` (one or a list) as `Frames`; labels from attached calculators are kept when every
     image carries them (energy, forces, stress)."""
@@ -710,23 +715,14 @@ def frames_from_atoms(images, validate: bool = True) -> Frames:
         results = getattr(getattr(atoms, "calc", None), "results", None) or {}
         return results.get(key)
 
+    def stress(atoms):
+        s = np.asarray(label(atoms, "stress"), dtype=np.float64)
+        return voigt_to_full(s) if s.shape == (6,) else s.reshape(3, 3)
+
     keep = {k: all(label(a, k) is not None for a in images) for k in ("energy", "forces", "stress")}
-    parts = []
-    for k, atoms in enumerate(images):
-        s = label(atoms, "stress") if keep["stress"] else None
-        if s is not None:
-            s = np.asarray(s, dtype=np.float64)
-            s = voigt_to_full(s) if s.shape == (6,) else s.reshape(3, 3)
-        parts.append(
-            Frames.from_arrays(
-                positions=atoms.get_positions()[None],
-                numbers=atoms.get_atomic_numbers(),
-                cell=np.asarray(atoms.cell)[None],
-                pbc=atoms.get_pbc(),
-                energy=[float(label(atoms, "energy"))] if keep["energy"] else None,
-                forces=np.asarray(label(atoms, "forces"))[None] if keep["forces"] else None,
-                stress=None if s is None else s[None],
-                validate=validate,
-            )
-        )
-    return Frames.concatenate(parts) if len(parts) > 1 else parts[0]
+    energies = [float(label(a, "energy")) if keep["energy"] else None for a in images]
+    forces = [label(a, "forces") if keep["forces"] else None for a in images]
+    stresses = [stress(a) if keep["stress"] else None for a in images]
+    parts = _labelled_frames(images, energies, forces, stresses)
+    frames = Frames.concatenate(parts) if len(parts) > 1 else parts[0]
+    return frames.validate() if validate else frames
