@@ -116,6 +116,122 @@ def cmd_models_list(args) -> int:
     return 0 if all(r["parameters"] is not None for r in rows) else 1
 
 
+def cmd_train(args) -> int:
+    if args.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    from .train import TrainingDivergedError, train
+
+    try:
+        summary = train(
+            model=args.model, dataset=args.dataset,
+            budget=args.budget if args.budget is not None else (None if args.resume else "60m"), max_epochs=args.max_epochs, seed=args.seed,
+            out=args.out, resume=args.resume, dtype=args.dtype, n_train=args.n_train, n_val=args.n_val,
+            checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+            pause_after_checkpoint=args.pause_after_checkpoint,
+        )
+    except TrainingDivergedError as e:
+        print(f"jaxbench: training diverged: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    res = evaluate(args.run, dataset=args.dataset, split=args.split, which=args.which, n_frames=args.n_frames,
+                   batch_size=args.batch_size, plots=not args.no_plots)
+    print(json.dumps(res["metrics"], indent=2))
+    print(f"results: {res['results_path']}")
+    return 0
+
+
+def _load_model_for_simulate(spec: str):
+    """RUN: a trained run directory (jaxbench.runs.load_potential), or 'module:attr' naming an
+    EnergyModel, a (Potential, params) pair, or a zero-argument factory of either
+    (e.g. 'jaxbench.md:morse')."""
+    import importlib
+    from pathlib import Path
+
+    from . import md
+    from .errors import JaxbenchError
+
+    if Path(spec).is_dir():
+        from .runs import load_potential
+
+        pot, params = load_potential(spec, which="best")
+        return md.as_energy_model(pot, params=params)
+    if ":" in spec:
+        mod, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise JaxbenchError(f"cannot import energy model '{spec}': {e}") from None
+        if callable(obj) and not isinstance(obj, md.EnergyModel):
+            obj = obj()
+        if isinstance(obj, tuple):
+            return md.as_energy_model(obj[0], params=obj[1])
+        return md.as_energy_model(obj)
+    raise JaxbenchError(f"RUN '{spec}' is neither a run directory nor 'module:attr'")
+
+
+def cmd_simulate(args) -> int:
+    from pathlib import Path
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+
+    from . import data, md
+    from .errors import JaxbenchError
+
+    spec = data.get(args.dataset)
+    protocol = md.load_protocol(args.protocol or "egraffbench", dataset=spec.name)
+    protocol = protocol.replace(
+        replicas=args.replicas, steps=args.steps, temperature_K=args.temperature, timestep_fs=args.timestep,
+        ensemble=args.ensemble,
+    )
+    if args.steps is not None and protocol.steps % protocol.save_every:
+        protocol = protocol.replace(save_every=int(np.gcd(protocol.steps, protocol.save_every)))
+    if protocol.chunk_steps % protocol.save_every:
+        protocol = protocol.replace(chunk_steps=protocol.save_every)
+    protocol.validate()
+    if args.out:
+        out_dir = Path(args.out)
+    elif Path(args.run).is_dir():
+        out_dir = Path(args.run) / "md" / f"{protocol.name}_{spec.name}"
+    else:
+        out_dir = Path(f"md_{protocol.name}_{spec.name}")
+    traj = out_dir / "trajectory.h5"
+    if traj.exists() and not args.overwrite:
+        raise JaxbenchError(f"output {traj} exists; refusing to overwrite it (pass --overwrite)")
+    model = _load_model_for_simulate(args.run)
+    frames = data.load(spec.name, protocol.frame_split, data_dir=args.data_dir)
+    start = md.start_from_frames(frames, protocol.replicas, protocol.replica_init)
+    print(
+        f"simulate {model.name} on {spec.name}: {protocol.ensemble} {protocol.temperature_K} K, {protocol.timestep_fs} fs x "
+        f"{protocol.steps} steps, {start.n_replicas} replicas of {start.n_atoms} atoms (frames {list(start.frame_indices)}) -> {traj}"
+    )
+    res = md.simulate(
+        model, start, protocol, seed=args.seed, out=traj, overwrite=args.overwrite, progress=not args.quiet,
+        batch=args.batch, metadata=dict(run=str(args.run), dataset=spec.name),
+    )
+    summary = dict(
+        dataset=spec.name, run=str(args.run), model=model.name, protocol=protocol.to_dict(), seed=args.seed,
+        steps_done=res.steps_done, failed=res.failed.tolist(), failure_step=res.failure_step.tolist(),
+        failure_time_fs=[None if np.isnan(t) else float(t) for t in res.failure_time_fs],
+        failure_reason=[md.describe_failure(r) for r in res.failure_reason], timings=res.timings,
+        neighbor_reallocations=res.n_reallocations, trajectory=str(traj),
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(res.summary())
+    print(f"wrote {traj} and {out_dir / 'summary.json'} ({res.timings['total_s']:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxbench", description=__import__("jaxbench").__doc__)
     p.add_argument("--version", action="version", version=f"jaxbench {__import__('jaxbench').__version__}")
@@ -149,6 +265,49 @@ def build_parser() -> argparse.ArgumentParser:
     pml.add_argument("--json", action="store_true", help="machine-readable output")
     pml.add_argument("--species", default="H,C,O", help="species the counts are for (default H,C,O)")
     pml.set_defaults(func=cmd_models_list)
+
+    psim = sub.add_parser("simulate", help="MD with a trained run (or a Python energy model) on a dataset")
+    psim.add_argument("run", help="trained run directory, or 'module:attr' (EnergyModel / factory, e.g. jaxbench.md:morse)")
+    psim.add_argument("--dataset", required=True, help="dataset name (start frames from its protocol split)")
+    psim.add_argument("--protocol", help="protocol card name in sims/ or a YAML path (default: egraffbench)")
+    psim.add_argument("--replicas", type=int, help="number of replicas (default: the card's)")
+    psim.add_argument("--steps", type=int, help="MD steps (default: the card's)")
+    psim.add_argument("--temperature", type=float, help="temperature in K (default: the card's)")
+    psim.add_argument("--timestep", type=float, help="timestep in fs (default: the card's)")
+    psim.add_argument("--ensemble", choices=["nve", "nvt_langevin", "nvt_nose_hoover"], help="override the card's ensemble")
+    psim.add_argument("--seed", type=int, default=0, help="velocity / noise seed (default 0)")
+    psim.add_argument("--batch", choices=["map", "vmap", "vmap_select"], default="map", help="replica batching (default map: measured fastest)")
+    psim.add_argument("--out", help="output directory (trajectory.h5 + summary.json)")
+    psim.add_argument("--overwrite", action="store_true", help="replace an existing trajectory")
+    psim.add_argument("--quiet", action="store_true", help="no progress bar")
+    psim.add_argument("--data-dir", help="data directory")
+    psim.set_defaults(func=cmd_simulate)
+
+    pt = sub.add_parser("train", help="train a model card on a dataset (resumable run directory)")
+    pt.add_argument("--model", help="model card (see `jaxbench models list`); optional with --resume")
+    pt.add_argument("--dataset", help="dataset (see `jaxbench data list`); optional with --resume")
+    pt.add_argument("--budget", default=None, help="wall-clock budget, e.g. 60m, 2h (default 60m; with --resume: the run's)")
+    pt.add_argument("--max-epochs", type=int, help="epochs (default: the card's max_epochs)")
+    pt.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    pt.add_argument("--out", help="run directory (default runs/<model>-<dataset>-s<seed>)")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+    pt.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    pt.add_argument("--n-train", type=int, help="use only the first N training frames")
+    pt.add_argument("--n-val", type=int, help="use only the first N validation frames")
+    pt.add_argument("--checkpoint-every", type=int, help="also checkpoint `last` every N steps inside an epoch")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.add_argument("--pause-after-checkpoint", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
+    pt.set_defaults(func=cmd_train)
+
+    pe = sub.add_parser("evaluate", help="errors of a trained run on a dataset split: results.json + parity plots")
+    pe.add_argument("run", help="run directory written by `jaxbench train`")
+    pe.add_argument("--dataset", help="dataset (default: the run's)")
+    pe.add_argument("--split", default="test")
+    pe.add_argument("--which", default="best", choices=["best", "last"])
+    pe.add_argument("--n-frames", type=int, help="only the first N frames of the split")
+    pe.add_argument("--batch-size", type=int, help="frames per evaluation batch (default: the card's valid_batch_size)")
+    pe.add_argument("--no-plots", action="store_true")
+    pe.set_defaults(func=cmd_evaluate)
     return p
 
 

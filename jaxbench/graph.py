@@ -87,8 +87,8 @@ def edge_vectors(
     (1/V) dE/dstrain at strain = 0. Padding edges get a fixed vector of length `pad_length` (pick it
     beyond the model's cutoff): a zero vector would give NaN gradients through |D| even when masked.
     """
-    pos = graph.positions if positions is None else positions
-    cell = graph.cell.astype(pos.dtype)
+    pos = jnp.asarray(graph.positions if positions is None else positions)
+    cell = jnp.asarray(graph.cell).astype(pos.dtype)
     if strain is not None:
         sym = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
         deform = jnp.eye(3, dtype=pos.dtype) + sym.astype(pos.dtype)

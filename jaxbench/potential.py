@@ -120,7 +120,7 @@ class Potential:
 
     # -- parameters ----------------------------------------------------------------------------
     def init(self, key: jax.Array, graph: Graph, dtype=jnp.float32):
-        vectors = edge_vectors(graph, pad_length=2 * self.r_max).astype(dtype)
+        vectors = edge_vectors(graph, positions=jnp.asarray(graph.positions, dtype), pad_length=2 * self.r_max)
         params = jax.jit(self.module.init)(
             key, vectors, self.species_index(graph.species), graph.senders, graph.receivers,
             graph.edge_mask, graph.node_mask,

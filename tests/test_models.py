@@ -65,9 +65,14 @@ def ethanol_and_lips() -> Frames:
     return Frames.concatenate([eth, lips])
 
 
+_JITTED: dict[int, object] = {}
+
+
 def evaluate(pot, params, frames: Frames, stress=False):
+    # One jitted function per potential: repeated calls on same-shaped graphs reuse the compilation.
+    fn = _JITTED.setdefault(id(pot), jax.jit(pot.__call__, static_argnums=2))
     g = build_graphs(frames, pot.r_max).batch(np.arange(len(frames)))
-    out = jax.jit(pot.__call__, static_argnums=2)(params, g, stress)
+    out = fn(params, g, stress)
     n = frames.n_atoms.sum()
     res = {"energy": np.asarray(out["energy"])[: len(frames)], "forces": np.asarray(out["forces"])[:n]}
     if stress:
@@ -204,8 +209,9 @@ def test_float32_close_to_float64(card):
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params64)
     fr = ethanol_and_lips()
     g = build_graphs(fr, pot.r_max).batch(np.arange(len(fr)))
-    o64 = pot(params64, g)
-    o32 = pot(params32, g.replace(positions=g.positions.astype(np.float32)))
+    fn = _JITTED.setdefault(id(pot), jax.jit(pot.__call__, static_argnums=2))
+    o64 = fn(params64, g, False)
+    o32 = fn(params32, g.replace(positions=g.positions.astype(np.float32)), False)
     assert o32["forces"].dtype == jnp.float32
     n = fr.n_atoms.sum()
     f64, f32 = np.asarray(o64["forces"])[:n], np.asarray(o32["forces"])[:n]

@@ -44,7 +44,7 @@ class BesselBasis(nn.Module):
             freqs = init(None, (self.num_basis,))
         freqs = freqs.astype(r.dtype)
         r_safe = jnp.where(r > 0, r, 1.0)[..., None]
-        prefactor = np.sqrt(2.0 / self.r_max)
+        prefactor = float(np.sqrt(2.0 / self.r_max))
         return prefactor * jnp.sin(freqs * r_safe / self.r_max) / r_safe
 
 

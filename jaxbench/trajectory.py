@@ -1,0 +1,262 @@
+"""MD trajectories on disk: HDF5 in the H5MD 1.1 layout, appended per chunk and crash-safe.
+
+Layout (one H5MD *particles group per replica*, so every group is a plain, standard H5MD group that
+H5MD readers understand; replicas can stop at different steps without padding):
+
+    /h5md                              attrs version=[1, 1]; groups author (name), creator (name, version)
+    /particles/replica_000/
+        position/{step,time,value}     value [T, N, 3] Å, unwrapped Cartesian (never wrapped)
+        velocity/{step,time,value}     value [T, N, 3] Å/fs
+        force/{step,time,value}        value [T, N, 3] eV/Å
+        species                        [N] int32 atomic numbers (time-independent)
+        mass                           [N] float64 amu (time-independent)
+        box/                           attrs dimension=3, boundary=['periodic'|'none'] * 3
+            edges                      [3, 3] Å, ROWS are the lattice vectors (fixed cell)
+    /particles/replica_001/ ...
+    /observables/replica_000/
+        potential_energy, kinetic_energy, conserved_energy  {step,time,value [T]} eV
+        temperature                                         {step,time,value [T]} K
+    /parameters/jaxbench               attrs: protocol (JSON), frames_committed, steps_done, failed [R],
+                                       failure_step [R] (-1: none), failure_reason [R] (bit mask,
+                                       see jaxbench.md.FAILURE_REASONS), complete (bool), model, ...
+
+All ``step`` / ``time`` datasets of one file hold the same values (every replica is saved at the same
+steps; a failed replica's frozen state keeps being written). ``time`` is in fs (attr ``unit``).
+
+Crash safety: each chunk resizes every dataset, writes it, then sets ``frames_committed`` and calls
+``flush()``. A run killed at any point leaves a readable file; :func:`read` returns only the first
+``frames_committed`` frames (rows past it may be partially written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import JaxbenchError
+
+__all__ = ["TrajectoryWriter", "read", "read_info", "to_extxyz", "PARTICLE_FIELDS", "OBSERVABLES"]
+
+PARTICLE_FIELDS = {"position": "angstrom", "velocity": "angstrom fs-1", "force": "eV angstrom-1"}
+OBSERVABLES = {
+    "potential_energy": "eV",
+    "kinetic_energy": "eV",
+    "conserved_energy": "eV",
+    "temperature": "K",
+}
+
+
+def _group_name(r: int) -> str:
+    return f"replica_{r:03d}"
+
+
+class TrajectoryWriter:
+    """Append-only H5MD writer (see the module docstring for the layout).
+
+    Args:
+      path: output ``.h5`` file; refused if it exists unless ``overwrite``.
+      numbers: [N] atomic numbers; masses: [N] amu; cell: [3, 3] rows = lattice vectors; pbc: [3].
+      n_replicas: number of particle groups.
+      timestep_fs: MD timestep (``time = step * timestep_fs``).
+      metadata: JSON-serialisable dict stored in ``/parameters/jaxbench`` attrs (``protocol`` etc.).
+    """
+
+    def __init__(
+        self,
+        path,
+        numbers,
+        masses,
+        cell,
+        pbc,
+        n_replicas: int,
+        timestep_fs: float,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        compression: str | None = None,
+    ):
+        import h5py
+
+        import jaxbench
+
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise JaxbenchError(f"trajectory file {self.path} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        numbers = np.asarray(numbers, np.int32)
+        n = len(numbers)
+        self.n_atoms, self.n_replicas, self.dt = n, int(n_replicas), float(timestep_fs)
+        self._f = h5py.File(self.path, "w")
+        f = self._f
+        h5 = f.create_group("h5md")
+        h5.attrs["version"] = np.array([1, 1], np.int32)
+        h5.create_group("author").attrs["name"] = os.environ.get("USER", "jaxbench")
+        cr = h5.create_group("creator")
+        cr.attrs["name"] = "jaxbench"
+        cr.attrs["version"] = str(getattr(jaxbench, "__version__", "0"))
+        chunk_t = max(1, min(64, int(2**20 // max(1, n * 3 * 8))))
+        pbc = np.asarray(pbc, bool).reshape(3)
+        self._datasets = []
+        for r in range(self.n_replicas):
+            g = f.create_group(f"particles/{_group_name(r)}")
+            g.create_dataset("species", data=numbers)
+            g.create_dataset("mass", data=np.asarray(masses, np.float64)).attrs["unit"] = "amu"
+            box = g.create_group("box")
+            box.attrs["dimension"] = 3
+            box.attrs["boundary"] = np.array(["periodic" if p else "none" for p in pbc], dtype="S8")
+            box.create_dataset("edges", data=np.asarray(cell, np.float64).reshape(3, 3)).attrs["unit"] = "angstrom"
+            for name, unit in PARTICLE_FIELDS.items():
+                self._element(g, name, (n, 3), unit, chunk_t, compression)
+            o = f.create_group(f"observables/{_group_name(r)}")
+            for name, unit in OBSERVABLES.items():
+                self._element(o, name, (), unit, 1024, None)
+        self._meta = f.create_group("parameters").create_group("jaxbench")
+        for k, v in (metadata or {}).items():
+            self._meta.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v)
+        self._meta.attrs["frames_committed"] = 0
+        self._meta.attrs["steps_done"] = 0
+        self._meta.attrs["complete"] = False
+        self.set_status(np.zeros(self.n_replicas, bool), np.full(self.n_replicas, -1), np.zeros(self.n_replicas, np.int32))
+        self.n_frames = 0
+        f.flush()
+
+    def _element(self, group, name, shape, unit, chunk_t, compression):
+        e = group.create_group(name)
+        e.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(max(chunk_t, 256),))
+        t = e.create_dataset("time", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(max(chunk_t, 256),))
+        t.attrs["unit"] = "fs"
+        v = e.create_dataset(
+            "value", shape=(0, *shape), maxshape=(None, *shape), dtype=np.float64, chunks=(chunk_t, *shape),
+            compression=compression,
+        )
+        v.attrs["unit"] = unit
+        self._datasets.append(e)
+
+    def append(self, steps, particles: dict[str, np.ndarray], observables: dict[str, np.ndarray]) -> None:
+        """Append T frames. ``steps`` [T]; ``particles[name]`` [R, T, N, 3]; ``observables[name]`` [R, T].
+
+        Everything of the chunk is written, then ``frames_committed`` is advanced and the file flushed.
+        """
+        steps = np.asarray(steps, np.int64).reshape(-1)
+        t = len(steps)
+        if t == 0:
+            return
+        start, stop = self.n_frames, self.n_frames + t
+        f = self._f
+        for r in range(self.n_replicas):
+            for group, fields in ((f"particles/{_group_name(r)}", particles), (f"observables/{_group_name(r)}", observables)):
+                for name, arr in fields.items():
+                    e = f[f"{group}/{name}"]
+                    val = np.asarray(arr[r], np.float64)
+                    for ds, data in ((e["value"], val), (e["step"], steps), (e["time"], steps * self.dt)):
+                        ds.resize(stop, axis=0)
+                        ds[start:stop] = data
+        self.n_frames = stop
+        self._meta.attrs["frames_committed"] = stop
+        self._meta.attrs["steps_done"] = int(steps[-1])
+        f.flush()
+
+    def set_status(self, failed, failure_step, failure_reason, **extra) -> None:
+        self._meta.attrs["failed"] = np.asarray(failed, bool)
+        self._meta.attrs["failure_step"] = np.asarray(failure_step, np.int64)
+        self._meta.attrs["failure_reason"] = np.asarray(failure_reason, np.int32)
+        for k, v in extra.items():
+            self._meta.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self, complete: bool = True) -> None:
+        if self._f.id.valid:
+            self._meta.attrs["complete"] = bool(complete)
+            self._f.flush()
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(complete=exc_type is None)
+
+
+def _attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "{[":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_info(path) -> dict[str, Any]:
+    """The ``/parameters/jaxbench`` attributes (JSON decoded), plus ``n_replicas`` and ``n_atoms``."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        info = {k: _attr(v) for k, v in f["parameters/jaxbench"].attrs.items()}
+        groups = sorted(f["particles"].keys())
+        info["n_replicas"] = len(groups)
+        info["n_atoms"] = int(f[f"particles/{groups[0]}/species"].shape[0])
+    return info
+
+
+def read(path, replicas=None) -> dict[str, Any]:
+    """Read a trajectory into numpy arrays (only the committed frames, so killed runs read fine).
+
+    Returns a dict: ``step`` [T], ``time`` [T] fs, ``position`` / ``velocity`` / ``force`` [R, T, N, 3],
+    ``potential_energy`` / ``kinetic_energy`` / ``conserved_energy`` / ``temperature`` [R, T],
+    ``species`` [N], ``mass`` [N], ``cell`` [3, 3], ``pbc`` [3], ``info`` (see :func:`read_info`).
+    """
+    import h5py
+
+    info = read_info(path)
+    n = int(info.get("frames_committed", 0))
+    with h5py.File(path, "r") as f:
+        groups = sorted(f["particles"].keys())
+        if replicas is not None:
+            groups = [groups[r] for r in np.atleast_1d(replicas)]
+        g0 = f[f"particles/{groups[0]}"]
+        out: dict[str, Any] = {
+            "step": g0["position/step"][:n],
+            "time": g0["position/time"][:n],
+            "species": g0["species"][:],
+            "mass": g0["mass"][:],
+            "cell": g0["box/edges"][:],
+            "pbc": np.array([b == b"periodic" or b == "periodic" for b in g0["box"].attrs["boundary"]]),
+        }
+        for name in PARTICLE_FIELDS:
+            out[name] = np.stack([f[f"particles/{g}/{name}/value"][:n] for g in groups])
+        for name in OBSERVABLES:
+            out[name] = np.stack([f[f"observables/{g}/{name}/value"][:n] for g in groups])
+    out["info"] = info
+    return out
+
+
+def to_extxyz(path, out, replica: int = 0, every: int = 1) -> int:
+    """Write one replica of an H5MD trajectory as extended XYZ (via ASE): positions, velocities,
+    forces and potential energy per frame. Returns the number of frames written."""
+    import ase
+    import ase.io
+    import ase.units
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    tr = read(path, replicas=[replica])
+    images = []
+    for t in range(0, len(tr["step"]), every):
+        atoms = ase.Atoms(numbers=tr["species"], positions=tr["position"][0, t], cell=tr["cell"], pbc=tr["pbc"])
+        atoms.set_masses(tr["mass"])
+        atoms.set_velocities(tr["velocity"][0, t] / ase.units.fs)  # Å/fs -> ASE units
+        atoms.calc = SinglePointCalculator(atoms, energy=float(tr["potential_energy"][0, t]), forces=tr["force"][0, t])
+        atoms.info["step"] = int(tr["step"][t])
+        atoms.info["time_fs"] = float(tr["time"][t])
+        atoms.info["temperature_K"] = float(tr["temperature"][0, t])
+        images.append(atoms)
+    ase.io.write(str(out), images, format="extxyz")
+    return len(images)

@@ -1,0 +1,434 @@
+"""MD engine: integrators, thermostats, replicas, overflow, failures, differentiable rollouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxbench import md
+from jaxbench.errors import DataError, JaxbenchError
+
+A_FCC = 5.8  # Å: liquid argon density (rho sigma^3 ~ 0.81) at T* ~ 1
+BASE = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+
+
+def argon(n_cells: int, replicas: int = 1, jitter: float = 0.0, seed: int = 0):
+    pos = np.array(
+        [(b + np.array([i, j, k])) * A_FCC for i in range(n_cells) for j in range(n_cells) for k in range(n_cells) for b in BASE]
+    )
+    if jitter:
+        pos = pos + np.random.default_rng(seed).normal(scale=jitter, size=pos.shape)
+    return md.Start.make(pos, [18] * len(pos), np.eye(3) * n_cells * A_FCC, True, replicas=replicas)
+
+
+LJ = md.lennard_jones(cutoff=7.0)
+
+
+def proto(**kw):
+    base = dict(ensemble="nve", temperature_K=120.0, timestep_fs=5.0, steps=200, replicas=1, save_every=10, chunk_steps=100)
+    base.update(kw)
+    return md.Protocol(**base)
+
+
+# ------------------------------------------------------------------------------------------ input
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(temperature_K=0.0), "temperature"),
+        (dict(temperature_K=-5.0), "temperature"),
+        (dict(timestep_fs=0.0), "timestep"),
+        (dict(timestep_fs=5.5), "timestep"),
+        (dict(steps=0), "steps"),
+        (dict(ensemble="npt"), "ensemble"),
+        (dict(chunk_steps=15), "multiple"),
+    ],
+)
+def test_protocol_rejects_nonphysical_values(kw, msg):
+    with pytest.raises(JaxbenchError, match=msg):
+        proto(**kw).validate()
+    # and simulate refuses it before compiling anything
+    with pytest.raises(JaxbenchError, match=msg):
+        md.simulate(LJ, argon(1), proto(**kw), progress=False)
+
+
+def test_bad_start_and_output_rejected(tmp_path):
+    st = argon(1)
+    pos = st.positions.copy()
+    pos[0, 1] = pos[0, 0] + [0.05, 0, 0]
+    with pytest.raises(DataError, match="overlapping atoms"):
+        md.simulate(LJ, md.Start.make(pos[0], st.numbers, st.cell, True), proto(), progress=False)
+    limited = md.EnergyModel(fn=LJ.fn, cutoff=LJ.cutoff, params=LJ.params, species=(1, 8), name="h2o-only")
+    with pytest.raises(DataError, match="cannot represent Ar"):
+        md.simulate(limited, st, proto(), progress=False)
+    out = tmp_path / "exists.h5"
+    out.write_text("")
+    with pytest.raises(JaxbenchError, match="exists"):
+        md.simulate(LJ, st, proto(), out=out, progress=False)
+    assert out.read_text() == ""
+
+
+def test_units():
+    p = md.Protocol(timestep_fs=1.0, temperature_K=520.0, friction_per_fs=0.01, tau_fs=50.0)
+    assert p.dt == pytest.approx(0.0982269, rel=1e-5)
+    assert p.kT == pytest.approx(0.0448101, rel=1e-5)
+    assert p.gamma == pytest.approx(0.1018051, rel=1e-5)
+    assert p.tau == pytest.approx(50 / 10.1805057, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ physics
+
+
+def test_nve_conserves_energy_lj_liquid():
+    """32 Ar atoms, force-shifted LJ, float64, 2 fs x 1500 steps = 3 ps: drift < 1e-5 eV/atom/ps."""
+    st = argon(2, jitter=0.05)
+    p = proto(ensemble="nve", timestep_fs=2.0, steps=1500, save_every=10, chunk_steps=500)
+    res = md.simulate(LJ, st, p, seed=1, progress=False)
+    a = res.arrays
+    n = st.n_atoms
+    t_ps = a["time"] / 1000.0
+    e = a["conserved_energy"][0] / n
+    slope = np.polyfit(t_ps, e, 1)[0]
+    assert abs(slope) < 1e-5, slope
+    assert np.ptp(e) < 2e-4  # no jumps either (a force-energy mismatch or overflow would show)
+    # it really moved: the lattice melts, potential energy rises by far more than the tolerance
+    assert np.ptp(a["potential_energy"][0]) / n > 5e-3
+    assert np.all(a["temperature"][0] > 20)
+    assert not res.failed.any() and res.steps_done == 1500
+    # zero total momentum from the Maxwell–Boltzmann start, conserved by NVE
+    mom = np.einsum("n,tnc->tc", a["mass"], a["velocity"][0])
+    assert np.abs(mom).max() < 1e-10
+
+
+@pytest.mark.parametrize("ensemble", ["nvt_nose_hoover", "nvt_langevin"])
+def test_thermostat_holds_temperature(ensemble):
+    """108 Ar atoms, 2 replicas, 5 fs x 3000 steps = 15 ps from a perfect lattice (without a
+    thermostat it would equilibrate near T/2 by equipartition): mean T over the second half within
+    5% (per replica the statistical error is ~2%)."""
+    target = 120.0
+    st = argon(3, replicas=2)
+    p = proto(
+        ensemble=ensemble, temperature_K=target, timestep_fs=5.0, steps=3000, replicas=2, save_every=20,
+        chunk_steps=1500, tau_fs=200.0, friction_per_fs=0.01,
+    )
+    res = md.simulate(LJ, st, p, seed=3, progress=False)
+    temp = res.arrays["temperature"]
+    half = temp[:, temp.shape[1] // 2 :]
+    assert not res.failed.any()
+    assert abs(half.mean() / target - 1) < 0.05, half.mean(axis=1)
+    assert np.all(np.abs(half.mean(axis=1) / target - 1) < 0.10), half.mean(axis=1)
+    # the lattice start drops far below the target first (equipartition: NVE settles near T/2), so
+    # the thermostat had real work to do and a broken one would fail the check above
+    assert temp[:, : temp.shape[1] // 4].min() < 0.9 * target
+    if ensemble == "nvt_nose_hoover":
+        # the extended-system invariant is conserved while E = PE + KE is not
+        a, n = res.arrays, st.n_atoms
+        assert np.ptp(a["conserved_energy"], axis=1).max() / n < 5e-5
+        assert np.ptp(a["potential_energy"] + a["kinetic_energy"], axis=1).min() / n > 5e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ensemble", ["nvt_nose_hoover", "nvt_langevin"])
+def test_thermostat_20ps_every_replica(ensemble):
+    """The issue's version: 20 ps (5 fs x 4000), 5 replicas, each within 5% over the second half."""
+    target = 120.0
+    p = proto(ensemble=ensemble, temperature_K=target, timestep_fs=5.0, steps=4000, replicas=5, save_every=20,
+              chunk_steps=2000, tau_fs=200.0, friction_per_fs=0.01)
+    res = md.simulate(LJ, argon(3, replicas=5), p, seed=5, progress=False)
+    temp = res.arrays["temperature"]
+    half = temp[:, temp.shape[1] // 2 :].mean(axis=1)
+    assert np.all(np.abs(half / target - 1) < 0.05), half
+
+
+def test_replicas_reproducible_independent_and_batching_modes():
+    st3 = argon(2, replicas=3, jitter=0.02)
+    p = proto(ensemble="nvt_langevin", steps=100, chunk_steps=50, replicas=3)
+    a = md.simulate(LJ, st3, p, seed=7, progress=False).arrays
+    # same seeds: same trajectories, whether replicas are lax.map-ped or vmapped (batched step
+    # with one outer rebuild cond, or a plain vmap of the per-replica chunk)
+    for mode in ("vmap", "vmap_select"):
+        b = md.simulate(LJ, st3, p, seed=7, progress=False, batch=mode).arrays
+        np.testing.assert_allclose(a["position"], b["position"], atol=1e-9)
+        np.testing.assert_allclose(a["temperature"], b["temperature"], rtol=1e-9)
+    # distinct replicas: different velocities from the start
+    v0 = a["velocity"][:, 0]
+    assert np.abs(v0[0] - v0[1]).max() > 1e-3 and np.abs(v0[1] - v0[2]).max() > 1e-3
+    # Maxwell–Boltzmann at T with zero total momentum
+    assert np.abs(np.einsum("n,rnc->rc", a["mass"], v0)).max() < 1e-10
+    assert np.all(np.abs(a["temperature"][:, 0] / 120 - 1) < 0.5)
+    # independence: changing replica 2's start changes nothing for replicas 0 and 1
+    pos = st3.positions.copy()
+    pos[2] = argon(2, jitter=0.05, seed=11).positions[0]
+    c = md.simulate(LJ, md.Start.make(pos, st3.numbers, st3.cell, True), p, seed=7, progress=False).arrays
+    np.testing.assert_allclose(c["position"][:2], a["position"][:2], atol=1e-9)
+    assert np.abs(c["position"][2, -1] - a["position"][2, -1]).max() > 1e-3
+    # given velocities (Å/fs) reproduce the seeded start exactly (unit round trip)
+    stv = md.Start.make(st3.positions, st3.numbers, st3.cell, True, velocities=a["velocity"][:, 0])
+    e = md.simulate(LJ, stv, p, seed=7, progress=False).arrays
+    np.testing.assert_allclose(e["position"], a["position"], atol=1e-9)
+    d = md.simulate(LJ, st3, p, seed=8, progress=False).arrays
+    assert np.abs(d["position"][:, -1] - a["position"][:, -1]).max() > 1e-3
+
+
+def test_neighbor_overflow_reallocates_and_reruns_chunk():
+    """Capacity exactly the initial pair count, list radius (cutoff + skin = 7.0 Å) just inside the
+    third FCC shell (7.10 Å): vibrations bring shell pairs in, the list overflows; the engine must
+    re-allocate and redo the chunk, giving the same trajectory as a roomy list."""
+    st = argon(2)
+    lj = md.lennard_jones(cutoff=6.5)
+    p = proto(ensemble="nve", temperature_K=200.0, steps=200, chunk_steps=50, capacity_multiplier=1.0)
+    tight = md.simulate(lj, st, p, seed=2, progress=False)
+    roomy = md.simulate(lj, st, p.replace(capacity_multiplier=3.0), seed=2, progress=False)
+    assert tight.n_reallocations >= 1
+    assert roomy.n_reallocations == 0
+    assert tight.capacity > 0
+    np.testing.assert_allclose(tight.arrays["position"], roomy.arrays["position"], atol=1e-7)
+    np.testing.assert_allclose(tight.arrays["conserved_energy"], roomy.arrays["conserved_energy"], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def test_failure_freezes_one_replica_others_go_on():
+    """Replica 1 starts with two atoms 1.6 Å apart under LJ: it explodes; replica 0 is untouched."""
+    st = argon(2, replicas=2)
+    pos = st.positions.copy()
+    pos[1, 1] = pos[1, 0] + [1.6, 0.0, 0.0]
+    st2 = md.Start.make(pos, st.numbers, st.cell, True)
+    p = proto(ensemble="nve", steps=200, chunk_steps=100, timestep_fs=5.0)
+    res = md.simulate(LJ, st2, p, seed=0, progress=False)
+    assert list(res.failed) == [False, True]
+    k = int(res.failure_step[1])
+    assert 0 <= k < 50
+    assert res.failure_reason[1] & 3  # non-finite or temperature
+    assert res.failure_step[0] == -1 and res.steps_done == 200
+    a = res.arrays
+    after = a["step"] >= k
+    frozen = a["position"][1][after]
+    assert np.all(np.isfinite(a["position"]))  # the frozen state is the last good one
+    assert np.abs(frozen - frozen[0]).max() == 0.0
+    # replica 0 does not notice its neighbor in the batch
+    alone = md.simulate(LJ, md.Start.make(pos[:1], st.numbers, st.cell, True), p, seed=0, progress=False)
+    np.testing.assert_allclose(alone.arrays["position"][0], a["position"][0], atol=1e-9)
+    assert "FAILED" in res.summary()
+    # the batched (vmap) layout freezes the same way
+    res_v = md.simulate(LJ, st2, p, seed=0, progress=False, batch="vmap")
+    assert list(res_v.failed) == [False, True] and res_v.failure_step[1] == k
+    np.testing.assert_allclose(res_v.arrays["position"], a["position"], atol=1e-9)
+
+
+def test_bond_criterion_for_molecules_and_failure_hook():
+    # an H2 molecule under a purely repulsive pair energy: the bond stretches past 0.5 Å
+    def repulsive(g):
+        r, inside = md._pair_r(g, 4.0)
+        return 0.5 * jnp.sum(jnp.where(inside, 2.0 / r**2, 0.0))
+
+    st = md.Start.make([[0, 0, 0], [0.70, 0, 0]], [1, 1], None, False)
+    p = proto(ensemble="nve", temperature_K=10.0, timestep_fs=0.5, steps=400, chunk_steps=200)
+    res = md.simulate(repulsive, st, p, cutoff=4.0, progress=False)
+    assert res.failed[0] and res.failure_reason[0] == 4, md.describe_failure(res.failure_reason[0])
+    last = res.arrays["position"][0, -1]
+    assert np.linalg.norm(last[1] - last[0]) - 0.70 <= 0.5  # frozen at the last good state
+    assert np.linalg.norm(last[1] - last[0]) - 0.70 > 0.3  # one step (~0.18 Å) before the threshold
+    assert 0 < res.failure_step[0] < 100
+
+    # periodic: a user hook (here: an atom displaced by more than 0.3 Å from its start)
+    st = argon(1)
+    x0 = jnp.asarray(st.positions[0])
+    hook = lambda s: jnp.max(jnp.linalg.norm(s.position - x0, axis=-1)) > 0.3  # noqa: E731
+    res = md.simulate(LJ, st, proto(steps=300, chunk_steps=100, temperature_K=300), failure_fn=hook, progress=False)
+    assert res.failed[0] and res.failure_reason[0] == 8
+    assert res.failure_step[0] % 10 == 0  # hooks run at saved frames
+    assert np.all(res.arrays["position"][0, res.arrays["step"] >= res.failure_step[0]] == res.arrays["position"][0, -1])
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+
+def test_rollout_gradient_matches_finite_differences():
+    """5-atom LJ cluster (all pairs inside the cutoff), NVE, 60 steps, float64: grad of the mean
+    potential energy w.r.t. (epsilon, sigma) and initial positions vs central differences."""
+    x0 = np.array([[0.0, 0.0, 0.0], [3.8, 0.0, 0.0], [1.9, 3.3, 0.0], [1.9, 1.1, 3.1], [0.3, 2.0, -2.9]])
+    v0 = np.random.default_rng(0).normal(scale=2e-3, size=x0.shape)  # Å/fs
+    v0 -= v0.mean(0)
+    lj = md.lennard_jones(cutoff=12.0)
+    p = md.Protocol(ensemble="nve", temperature_K=50.0, timestep_fs=4.0, steps=60, save_every=5, chunk_steps=10)
+    roll = md.make_rollout(lj, [18] * 5, None, False, p, x0, chunk_steps=10)
+
+    def loss_aux(params, x):
+        out = roll(params, x, jnp.asarray(v0))
+        return jnp.mean(out["potential_energy"]) + 0.01 * jnp.sum(out["positions"][-1] ** 2) / 100, out["did_overflow"]
+
+    def loss(params, x):
+        return loss_aux(params, x)[0]
+
+    params = {k: jnp.asarray(v, jnp.float64) for k, v in lj.params.items()}
+    x = jnp.asarray(x0)
+    (g_p, g_x), overflow = jax.jit(jax.grad(loss_aux, argnums=(0, 1), has_aux=True))(params, x)
+    assert not bool(overflow)
+    f = jax.jit(loss)
+    for k, h in (("epsilon", 1e-6), ("sigma", 1e-5)):
+        up = dict(params, **{k: params[k] + h})
+        dn = dict(params, **{k: params[k] - h})
+        fd = (f(up, x) - f(dn, x)) / (2 * h)
+        np.testing.assert_allclose(float(g_p[k]), float(fd), rtol=1e-5)
+    for i, c in ((0, 0), (3, 2), (4, 1)):
+        h = 1e-5
+        e = jnp.zeros_like(x).at[i, c].set(h)
+        fd = (f(params, x + e) - f(params, x - e)) / (2 * h)
+        np.testing.assert_allclose(float(g_x[i, c]), float(fd), rtol=1e-5, atol=1e-9)
+    assert float(jnp.abs(g_x).max()) > 1e-4  # non-trivial gradient
+
+    # chunks are rematerialized: the backward pass holds a checkpoint (remat) per chunk
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, x))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+    roll_plain = md.make_rollout(lj, [18] * 5, None, False, p, x0, chunk_steps=10, remat=False)
+    jaxpr_plain = str(jax.make_jaxpr(jax.grad(lambda pp: jnp.mean(roll_plain(pp, x, jnp.asarray(v0))["potential_energy"])))(params))
+    assert "checkpoint" not in jaxpr_plain and "remat" not in jaxpr_plain
+
+
+# ------------------------------------------------------------------------------------------ cards, CLI, models
+
+
+def test_protocol_cards_match_papers():
+    from jaxbench import data
+
+    for name, spec in data.datasets().items():
+        try:
+            p = md.load_protocol("egraffbench", name)
+        except JaxbenchError:
+            continue
+        sim = spec.simulation
+        assert p.temperature_K == sim["temperature_K"][0] and p.timestep_fs == sim["timestep_fs"][0], name
+        assert (p.steps, p.replicas, p.ensemble) == (1000, 5, "nvt_nose_hoover")
+    assert md.load_protocol("egraffbench", "lips20-P2S5").temperature_K == 3000  # family entry
+    for ds, t, dt, ps in [("md17-ethanol", 500, 0.5, 300), ("md17-aspirin", 500, 0.5, 300), ("lips", 520, 0.25, 50)]:
+        p = md.load_protocol("forces-not-enough", ds)
+        assert (p.temperature_K, p.timestep_fs, p.ensemble) == (t, dt, "nvt_nose_hoover")
+        assert p.steps * p.timestep_fs == ps * 1000
+    with pytest.raises(JaxbenchError, match="no entry"):
+        md.load_protocol("forces-not-enough", "gete")
+    with pytest.raises(KeyError, match="unknown protocol card"):
+        md.load_protocol("egraffbenhc")
+
+
+def test_potential_species_checked_before_compute():
+    from jaxbench.potential import Potential
+    from jaxbench.stats import DatasetStatistics
+
+    stats = DatasetStatistics(species=(1, 6, 8), atomic_energies={1: 0.0, 6: 0.0, 8: 0.0}, energy_per_atom_mean=0.0,
+                              energy_per_atom_std=1.0, force_rms=1.0, avg_num_neighbors=8.0, cutoff=5.0, n_frames=1)
+    pot = Potential.from_card("nequip-small", stats)
+    with pytest.raises(DataError, match="cannot represent Ar"):
+        md.simulate(pot, argon(1), proto(), params={"not": "used"}, progress=False)
+
+
+@pytest.mark.slow
+def test_random_nequip_potential_runs_and_failures_are_results():
+    """A Potential with random parameters (nequip-small) on ethanol: the run completes, values are
+    finite, and the (unphysical) model's bond breaking is reported per replica, not raised."""
+    from ase.build import molecule
+
+    from jaxbench.graph import graph_from_atoms
+    from jaxbench.potential import Potential, cast_params
+    from jaxbench.stats import DatasetStatistics
+
+    atoms = molecule("CH3CH2OH")
+    stats = DatasetStatistics(species=(1, 6, 8), atomic_energies={1: -13.6, 6: -1029.0, 8: -2041.0},
+                              energy_per_atom_mean=0.0, energy_per_atom_std=1.0, force_rms=1.0, avg_num_neighbors=8.0,
+                              cutoff=5.0, n_frames=1)
+    pot = Potential.from_card("nequip-small", stats)
+    params = cast_params(pot.init(jax.random.PRNGKey(0), graph_from_atoms(atoms, 5.0)), jnp.float64)
+    st = md.Start.make(atoms.positions, atoms.numbers, None, False, replicas=2)
+    p = md.Protocol(ensemble="nve", temperature_K=300, timestep_fs=0.25, steps=100, save_every=10, chunk_steps=50)
+    res = md.simulate(pot, st, p, params=params, progress=False)
+    a = res.arrays
+    assert np.all(np.isfinite(a["position"])) and np.all(np.isfinite(a["potential_energy"]))
+    # conservative forces: total energy conserved while the replica is not frozen
+    e = a["conserved_energy"]
+    assert np.abs(e[:, 1:3] - e[:, :1]).max() < 1e-3
+    assert res.steps_done == 100 or res.failed.all()
+    # a differentiable rollout of the Potential traces (shapes only: compiling it is slow)
+    roll = md.make_rollout(pot, atoms.numbers, None, False, p.replace(steps=20), atoms.positions, chunk_steps=10)
+    v = jnp.zeros_like(jnp.asarray(atoms.positions))
+    g = jax.eval_shape(jax.grad(lambda pp: jnp.mean(roll(pp, jnp.asarray(atoms.positions), v)["potential_energy"])), params)
+    assert jax.tree.structure(g) == jax.tree.structure(params)
+
+
+def test_cli_simulate(data_root, tmp_path, capsys):
+    from jaxbench.cli import main
+
+    out = tmp_path / "sim"
+    argv = ["simulate", "jaxbench.md:morse", "--dataset", "md17-ethanol", "--steps", "40", "--replicas", "2",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    from jaxbench import trajectory
+
+    tr = trajectory.read(out / "trajectory.h5")
+    assert tr["position"].shape == (2, 5, 9, 3) and list(tr["step"]) == [0, 10, 20, 30, 40]
+    assert tr["info"]["protocol"]["temperature_K"] == 500 and tr["info"]["protocol"]["timestep_fs"] == 0.5
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "md17-ethanol" and len(summary["failed"]) == 2
+    capsys.readouterr()
+    # refusals happen before any compute, with a clear message and exit status 2
+    assert main(argv) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(argv[:-1] + ["--overwrite", "--temperature", "-3", "--quiet"]) == 2
+    assert "temperature must be > 0" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--timestep", "7"]) == 2
+    assert "timestep" in capsys.readouterr().err
+
+
+def _fake_run(tmp_path, species, init_atoms=None):
+    """A run directory as the training code writes it, with random nequip-small parameters."""
+    import json
+
+    from jaxbench import runs
+    from jaxbench.potential import Potential, model_card
+    from jaxbench.stats import DatasetStatistics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stats = DatasetStatistics(species=tuple(species), atomic_energies={z: 0.0 for z in species}, energy_per_atom_mean=0.0,
+                              energy_per_atom_std=1.0, force_rms=1.0, avg_num_neighbors=8.0, cutoff=5.0, n_frames=1)
+    card = model_card("nequip-small")
+    (run / "card.json").write_text(json.dumps(card))
+    (run / "statistics.json").write_text(stats.dumps())
+    (run / "dataset.json").write_text(json.dumps({"name": "md17-ethanol"}))
+    params = {"params": {}}
+    if init_atoms is not None:
+        from jaxbench.graph import graph_from_atoms
+
+        pot = Potential.from_card(card, stats)
+        params = pot.init(jax.random.PRNGKey(0), graph_from_atoms(init_atoms, 5.0))
+    runs.save_checkpoint(run, "best", {"params": params}, {})
+    return run
+
+
+def test_cli_run_directory_species_refused_before_compute(data_root, tmp_path, capsys):
+    from jaxbench.cli import main
+
+    run = _fake_run(tmp_path, (1, 6))  # no oxygen
+    rc = main(["simulate", str(run), "--dataset", "md17-ethanol", "--steps", "20", "--quiet"])
+    assert rc == 2
+    assert "cannot represent O" in capsys.readouterr().err
+    assert not (run / "md").exists()
+
+
+@pytest.mark.slow
+def test_cli_run_directory_simulates(data_root, tmp_path):
+    from ase.build import molecule
+
+    from jaxbench import trajectory
+    from jaxbench.cli import main
+
+    run = _fake_run(tmp_path, (1, 6, 8), init_atoms=molecule("CH3CH2OH"))
+    assert main(["simulate", str(run), "--dataset", "md17-ethanol", "--steps", "20", "--replicas", "2", "--quiet"]) == 0
+    tr = trajectory.read(run / "md" / "egraffbench_md17-ethanol" / "trajectory.h5")
+    assert tr["position"].shape == (2, 3, 9, 3)

@@ -1,0 +1,297 @@
+"""Training: card validation, bad input before compute, run directories, resume, NaN, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxbench import runs
+from jaxbench.errors import DataError, UnknownNameError
+from jaxbench.potential import model_card, model_cards
+from jaxbench.train import ConfigError, TrainingConfig, TrainingDivergedError, parse_duration, train
+
+from .conftest import REPO, requires_data
+
+
+def tiny_card(**training):
+    """nequip-small cut down further (2 layers, l_max 1): compiles fast; every training code path."""
+    card = model_card("nequip-small")
+    card["name"] = "nequip-tiny"
+    card["hyperparameters"].update(num_layers=2, l_max=1)
+    card["training"].update(batch_size=2, valid_batch_size=2, **training)
+    card.pop("_path", None)
+    return card
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Card validation (no data, no compute)
+# ---------------------------------------------------------------------------------------------
+def test_parse_duration():
+    assert parse_duration("60m") == 3600
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("90s") == 90
+    assert parse_duration("5 days") == 5 * 86400
+    assert parse_duration(12) == 12
+    assert parse_duration(None) is None
+    with pytest.raises(ConfigError):
+        parse_duration("ten minutes")
+    with pytest.raises(ConfigError):
+        parse_duration("-5m")
+
+
+def test_every_card_training_block_is_valid():
+    cards = model_cards()
+    assert {"nequip", "mace"} <= set(cards)
+    for name, card in cards.items():
+        if "training" in card:
+            cfg = TrainingConfig.from_card(card)
+            assert cfg.learning_rate > 0 and any(v > 0 for v in cfg.weights.values()), name
+    mace = TrainingConfig.from_card(cards["mace"])
+    assert mace.optimizer == "amsgrad" and mace.energy_per_atom and mace.ema and mace.swa is not None
+    assert mace.swa["weights"]["energy"] == 1000.0 and mace.clip_grad == 10.0
+    nequip = TrainingConfig.from_card(cards["nequip"])
+    assert not nequip.energy_per_atom and nequip.ema and nequip.scheduler["name"] == "reduce_on_plateau"
+    assert nequip.patience == 50 and nequip.min_lr == 1e-6 and nequip.max_wall == 5 * 86400
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"optimizer": "sgdx"}, ["optimizer", "sgdx", "amsgrad"]),
+        ({"learning_rate": -0.01}, ["learning_rate", "> 0"]),
+        ({"loss_weights": {"energy": 0, "forces": 0}}, ["loss_weights", "zero"]),
+        ({"loss_weights": {"energy": 1, "dipole": 1}}, ["dipole"]),
+        ({"scheduler": {"name": "step_lr"}}, ["scheduler", "step_lr"]),
+        ({"batch_size": 0}, ["batch_size"]),
+        ({"ema_decay": 1.5}, ["ema_decay"]),
+    ],
+)
+def test_invalid_card_values_fail_before_compute(override, words, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        train(model=tiny_card(), dataset="md17-ethanol", training=override, out=tmp_path / "r", max_epochs=1)
+    for w in words:
+        assert w in str(e.value)
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_unknown_card_and_dataset_suggest_names(tmp_path):
+    with pytest.raises(UnknownNameError) as e:
+        train(model="nequip-smal", dataset="md17-ethanol", out=tmp_path / "r")
+    assert "nequip-small" in str(e.value)
+    with pytest.raises(UnknownNameError) as e:
+        train(model="nequip-small", dataset="md17-ethanl", out=tmp_path / "r")
+    assert "md17-ethanol" in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_bad_input_exits_with_a_named_error(capsys, tmp_path):
+    from jaxbench.cli import main
+
+    assert main(["train", "--model", "nequip-smal", "--dataset", "md17-ethanol", "--out", str(tmp_path / "r")]) == 2
+    assert "Did you mean: nequip-small" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(tiny_card(optimizer="lbfgs")))
+    assert main(["train", "--model", str(bad), "--dataset", "md17-ethanol", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown optimizer 'lbfgs'" in capsys.readouterr().err
+
+
+@requires_data
+def test_split_smaller_than_batch_size(tmp_path):
+    with pytest.raises(DataError, match="fewer than the batch size 5"):
+        train(model="mace-small", dataset="md17-ethanol", n_train=3, n_val=2, out=tmp_path / "r", max_epochs=1)
+
+
+@requires_data
+def test_species_the_model_cannot_represent(tmp_path):
+    from jaxbench.stats import DatasetStatistics
+
+    stats = DatasetStatistics(species=(1, 6), atomic_energies={1: -13.6, 6: -1029.0}, energy_per_atom_mean=0.0,
+                              energy_per_atom_std=1.0, force_rms=1.0, avg_num_neighbors=8.0, cutoff=5.0, n_frames=1)
+    with pytest.raises(DataError, match="cannot represent O"):
+        train(model=tiny_card(), dataset="md17-ethanol", n_train=4, n_val=2, statistics=stats, out=tmp_path / "r",
+              max_epochs=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (no compute)
+# ---------------------------------------------------------------------------------------------
+def _state(v):
+    return {"params": {"params": {"w": np.full(3, v, np.float32)}}, "opt_state": (np.int32(v),)}
+
+
+def test_checkpoint_atomic_fallback_and_never_overwrite(tmp_path):
+    for v in (1, 2):
+        runs.save_checkpoint(tmp_path, "last", _state(v), {"step": v})
+    assert runs.check_checkpoint(tmp_path / "checkpoints/last")["step"] == 2
+    assert runs.check_checkpoint(tmp_path / "checkpoints/last.prev")["step"] == 1
+    # a leftover temporary directory from a killed write is ignored
+    (tmp_path / "checkpoints/.last.tmp-999").mkdir()
+    # corrupt the newest: it is named, and the previous one is used
+    with open(tmp_path / "checkpoints/last/state.msgpack", "r+b") as f:
+        f.seek(10)
+        f.write(b"\x00\xff\x00")
+    with pytest.warns(UserWarning, match=r"checkpoints/last: state.msgpack is corrupt"):
+        path, meta = runs.find_checkpoint(tmp_path)
+    assert path.name == "last.prev" and meta["step"] == 1
+    assert runs.load_checkpoint(path, target=_state(0))["params"]["params"]["w"][0] == 1
+    # the next save moves the corrupt one aside and keeps the good one
+    runs.save_checkpoint(tmp_path, "last", _state(3), {"step": 3})
+    assert runs.check_checkpoint(tmp_path / "checkpoints/last")["step"] == 3
+    assert runs.check_checkpoint(tmp_path / "checkpoints/last.prev")["step"] == 1
+    assert (tmp_path / "checkpoints/last.corrupt-0").is_dir()
+    # a partial checkpoint (no meta.json: the write never completed) is named too
+    (tmp_path / "checkpoints/last/meta.json").unlink()
+    with pytest.warns(UserWarning, match="partial"):
+        path, meta = runs.find_checkpoint(tmp_path)
+    assert meta["step"] == 1
+    # killed between the two renames of a save: no `last`, the complete `last.prev` is used, and the
+    # next save cleans the stale temporary directory and does not touch `last.prev`
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints/last")
+    path, meta = runs.find_checkpoint(tmp_path)
+    assert path.name == "last.prev" and meta["step"] == 1
+    runs.save_checkpoint(tmp_path, "last", _state(4), {"step": 4})
+    assert runs.check_checkpoint(tmp_path / "checkpoints/last.prev")["step"] == 1
+    assert not list((tmp_path / "checkpoints").glob(".last.tmp-*"))
+    with pytest.raises(runs.CheckpointError, match="no usable checkpoint"):
+        runs.find_checkpoint(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real training (tiny model, a few frames of md17-ethanol)
+# ---------------------------------------------------------------------------------------------
+KW = dict(dataset="md17-ethanol", n_train=4, n_val=2, seed=3, progress=False, checkpoint_every=1)
+
+
+@requires_data
+def test_train_resume_exact_and_load_potential(tmp_path):
+    card = tiny_card()
+    t0 = time.perf_counter()
+    full = train(model=card, max_epochs=3, out=tmp_path / "full", budget=None, **KW)
+    t_full = time.perf_counter() - t0
+    assert full["step"] == 6 and full["epoch"] == 3 and full["stop_reason"] == "max_epochs"
+    run = tmp_path / "full"
+    for f in ("card.json", "statistics.json", "dataset.json", "config.json", "log.jsonl"):
+        assert (run / f).is_file(), f
+    ds = json.loads((run / "dataset.json").read_text())
+    assert ds == dict(ds, name="md17-ethanol", seed=3, n_train=4, n_val=2)
+    epochs = [r for r in runs.read_log(run) if r.get("event") == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    for r in epochs:
+        assert {"loss", "energy", "forces"} <= set(r["train"])
+        assert {"energy_mae_meV", "forces_mae_meV_A", "loss"} <= set(r["val"])
+        assert r["lr"] == 0.005 and r["elapsed_s"] > 0
+
+    # 1) stop after one epoch, resume to three: identical parameters
+    part = train(model=card, max_epochs=1, out=tmp_path / "part", budget=None, **KW)
+    assert part["step"] == 2
+    res = train(out=tmp_path / "part", resume=True, max_epochs=3, budget=None, progress=False)
+    assert res["step"] == 6
+    a = runs.load_checkpoint(runs.checkpoint_dir(run, "last"))
+    b = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "part", "last"))
+    np.testing.assert_array_equal(flat(a["params"]), flat(b["params"]))
+    np.testing.assert_array_equal(flat(a["ema_params"]), flat(b["ema_params"]))
+    np.testing.assert_array_equal(flat(a["opt_state"]), flat(b["opt_state"]))
+
+    # 2) a budget that runs out after the first step (mid-epoch), then resume: identical again
+    mid = train(model=card, max_epochs=3, out=tmp_path / "mid", budget=1e-3, **KW)
+    assert mid["stop_reason"] == "budget" and mid["step"] == 1 and mid["batch_in_epoch"] == 1
+    res = train(out=tmp_path / "mid", resume=True, budget="1h", progress=False)
+    assert res["step"] == 6 and res["stop_reason"] == "max_epochs"
+    c = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "mid", "last"))
+    np.testing.assert_array_equal(flat(a["params"]), flat(c["params"]))
+    assert [r["event"] for r in runs.read_log(tmp_path / "mid")].count("resume") == 1
+
+    # load_potential: EMA parameters of the best checkpoint, usable as they are
+    from jaxbench import data
+    from jaxbench.graph import build_graphs
+
+    pot, params = runs.load_potential(run)
+    best_path, best_meta = runs.find_checkpoint(run, ("best",))
+    np.testing.assert_array_equal(flat(params), flat(runs.load_checkpoint(best_path)["ema_params"]))
+    assert pot.name == "nequip-tiny"
+    frames = data.load("md17-ethanol", "val")[np.arange(2)]
+    out = pot(params, build_graphs(frames, pot.r_max).batch([0, 1]))
+    assert np.all(np.isfinite(np.asarray(out["forces"])))
+    # resuming a run that already exists without --resume is refused
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(model=card, max_epochs=3, out=run, **KW)
+    print(f"tiny train, 6 steps incl. compile: {t_full:.1f} s")
+
+
+@requires_data
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    card = tiny_card()
+    with pytest.raises(TrainingDivergedError) as e:
+        train(model=card, max_epochs=3, out=tmp_path / "r", budget=None, training={"learning_rate": 1e30}, **KW)
+    step = e.value.step
+    assert step is not None and f"step {step}" in str(e.value)
+    path, meta = runs.find_checkpoint(tmp_path / "r", ("last",))
+    assert meta["step"] == step - 1  # the checkpoint before the NaN step is there and complete
+    assert any(r.get("event") == "nan" and r["step"] == step for r in runs.read_log(tmp_path / "r"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL a real `python -m jaxbench train` process mid-epoch, then --resume
+# ---------------------------------------------------------------------------------------------
+@requires_data
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    card_file = tmp_path / "tiny.json"
+    card_file.write_text(json.dumps(tiny_card()))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jaxcache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONPATH=str(REPO))
+    base = [sys.executable, "-m", "jaxbench", "train", "--model", str(card_file), "--dataset", "md17-ethanol",
+            "--n-train", "8", "--n-val", "2", "--max-epochs", "2", "--seed", "1", "--checkpoint-every", "3", "--quiet"]
+    # the uninterrupted reference run
+    ref = subprocess.run(base + ["--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # the same run, SIGKILLed while it sits right after the in-epoch checkpoint at step 3 (of 4 per epoch)
+    killed = tmp_path / "killed"
+    p = subprocess.Popen(base + ["--out", str(killed), "--pause-after-checkpoint", "600"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    meta_path = killed / "checkpoints" / "last" / "meta.json"
+    t0 = time.time()
+    while not meta_path.exists():
+        assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        assert time.time() - t0 < 900
+        time.sleep(0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    meta = json.loads(meta_path.read_text())
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (3, 0, 3)  # mid-epoch
+    assert not any(r.get("event") == "epoch" for r in runs.read_log(killed))  # killed before the epoch ended
+    res = subprocess.run(base[:4] + ["--out", str(killed), "--resume", "--quiet"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = runs.read_log(killed)
+    resume = [r for r in log if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == 3 and resume[0]["batch_in_epoch"] == 3
+    assert [r["epoch"] for r in log if r.get("event") == "epoch"] == [0, 1]
+    a = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "ref", "last"))
+    b = runs.load_checkpoint(runs.checkpoint_dir(killed, "last"))
+    assert runs.check_checkpoint(runs.checkpoint_dir(killed, "last"))["step"] == 8
+    for k in ("params", "ema_params", "opt_state"):
+        np.testing.assert_array_equal(flat(a[k]), flat(b[k]))
+    # the logged epoch metrics agree too (the resumed epoch 0 kept its first 3 steps' losses)
+    ra = [r for r in runs.read_log(tmp_path / "ref") if r.get("event") == "epoch"]
+    rb = [r for r in log if r.get("event") == "epoch"]
+    for x, y in zip(ra, rb):
+        assert x["train"] == pytest.approx(y["train"], rel=1e-12) and x["val"] == pytest.approx(y["val"], rel=1e-12)
