@@ -1,10 +1,12 @@
 """Allegro (Musaelian et al. 2023, Nat. Commun. 14, 579) in Flax + e3nn-jax.
 
-A port of mir-group/allegro 0.2 (`allegro.model.Allegro` / `allegro.nn.Allegro_Module`, the
-version of the paper and of EGraFFBench). Strictly local: every feature lives on an ordered pair
-(edge) ij, with i the centre (our `receivers`) and j the neighbour (`senders`), D = r_j - r_i.
+A port of mir-group/allegro 0.2.x (`allegro.model.Allegro` / `allegro.nn.Allegro_Module` with
+`embed_initial_edge` and `latent_resnet_update_ratios`: the code of the paper and of EGraFFBench, whose
+Table 12 sets `embed_initial_edge`; allegro >= 0.3 / nequip-allegro is a different architecture).
+Strictly local: every feature lives on an ordered pair (edge) ij, with i the centre (our `receivers`)
+and j the neighbour (`senders`), D = r_j - r_i. Every parameter has allegro 0.2's shape.
 
-    allegro 0.2                                 here
+    allegro 0.2.x                               here
     ------------------------------------------  -----------------------------------------------------
     OneHotAtomEncoding                           `jax.nn.one_hot(species)`
     RadialBasisEdgeEncoding(NormalizedBasis(     nequip `BesselBasis` (trainable, prefactor 2/r_max),
@@ -16,8 +18,8 @@ version of the paper and of EGraFFBench). Strictly local: every feature lives on
       two_body_latent ScalarMLP(cat(onehot_i,      `ScalarMLP` (no bias, U(-sqrt3, sqrt3) weights,
         onehot_j, edge_embedding))                  x norm/sqrt(fan_in), normalised SiLU between layers)
       latents * cutoff(r_ij) (every layer)        same
-      latent resnet: c_old * latents + c_new *    same coefficients (exp(0) = 1 per layer, cumulative,
-        new                                         sqrt of ratios; not learnable by default)
+      latent resnet: a * latents + b * new,       same: b / a = sigmoid(p) (p = logit(update ratio), 0 by
+        a^2 + b^2 = 1                               default: ratio 0.5), not learnable by default
       env_embed_mlps (linear by default)          `ScalarMLP`
       MakeWeightedChannels(edge SH, w)            `_weighted_channels` (one weight per channel & irrep)
       layer 0: features = weighted SH (embed_     same
@@ -27,8 +29,8 @@ version of the paper and of EGraFFBench). Strictly local: every feature lives on
       Contracter (uuu, no weights, component CG)  outer product per channel + one matmul with the stacked
                                                    Clebsch-Gordan matrix of all paths
       scalars = the 0e paths, before the linear   same ([E, mul * n_scalar_paths], mul-major)
-      strided Linear (per-path [mul, mul] mixes,  `_strided_linear` (same weights and 1/sqrt(n * mul))
-        1/sqrt(n_paths * mul))
+      strided Linear (per-path [mul, mul] mixes,  `StridedLinear` (same weights and 1/sqrt(n * mul));
+        1/sqrt(n_paths * mul))                     the last layer's output is unused (as in allegro)
       final_latent on cat(latents, scalars)       same
     edge_eng ScalarMLP([128] -> 1, no nonlin.)   `ScalarMLP`
     EdgewiseEnergySum (sum over edges at the     `segment_sum(edge_energy, receivers)` / sqrt(avg_num_nb)
@@ -223,7 +225,8 @@ class Allegro(nn.Module):
     latent_mlp_latent_dimensions: tuple = (1024, 1024, 1024)
     latent_mlp_nonlinearity: Optional[str] = "silu"
     latent_resnet: bool = True
-    latent_resnet_coefficients: Optional[tuple] = None
+    latent_resnet_update_ratios: Optional[tuple] = None  # one per layer, in (0, 1); default 0.5 each
+    latent_resnet_update_ratios_learnable: bool = False
     env_embed_mlp_latent_dimensions: tuple = ()
     env_embed_mlp_nonlinearity: Optional[str] = None
     edge_eng_mlp_latent_dimensions: tuple = (128,)
@@ -269,20 +272,25 @@ class Allegro(nn.Module):
         edge_invariants = basis * cutoff[:, None]
         onehot = jax.nn.one_hot(species, self.num_species, dtype=dtype)
 
-        # -- resnet coefficients --
-        if self.latent_resnet_coefficients is None:
-            params = np.zeros(self.num_layers + 1)
+        # -- latent resnet: latents <- a * latents + b * new, b / a = sigmoid(param), a^2 + b^2 = 1 --
+        if self.latent_resnet_update_ratios is None:
+            ratio_params = np.zeros(self.num_layers)
         else:
-            c = np.asarray(self.latent_resnet_coefficients, dtype=np.float64)
-            params = np.log(c / c.min())
-        coeffs = np.exp(params)
-        cumsum = np.cumsum(coeffs)
+            ratios = np.asarray(self.latent_resnet_update_ratios, dtype=np.float64)
+            if ratios.shape != (self.num_layers,) or not np.all((ratios > 0) & (ratios < 1)):
+                raise ValueError("allegro: latent_resnet_update_ratios needs num_layers values in (0, 1)")
+            ratio_params = np.clip(np.log(ratios / (1.0 - ratios)), -6.0, 6.0)
+        if self.latent_resnet_update_ratios_learnable:
+            ratio_params = self.param(
+                "latent_resnet_update_params", lambda key, shape: jnp.asarray(ratio_params, jnp.float32), ratio_params.shape
+            ).astype(dtype)
+        update = jax.nn.sigmoid(jnp.asarray(ratio_params, dtype))
 
         def resnet_update(layer_index, latents, new_latents):
             if self.latent_resnet and layer_index > 0:
-                c_old = math.sqrt(cumsum[layer_index - 1] / cumsum[layer_index])
-                c_new = math.sqrt(coeffs[layer_index] / cumsum[layer_index])
-                return c_old * latents + c_new * new_latents
+                u = update[layer_index - 1]
+                c_old = jax.lax.rsqrt(u * u + 1.0)
+                return c_old * latents + (u * c_old) * new_latents
             return new_latents
 
         inv_sqrt_avg = 1.0 / math.sqrt(self.avg_num_neighbors)
@@ -351,7 +359,7 @@ def build_allegro(num_species: int, avg_num_neighbors: float, **hp) -> nn.Module
     hp = dict(hp)
     for k in (
         "two_body_latent_mlp_latent_dimensions", "latent_mlp_latent_dimensions", "env_embed_mlp_latent_dimensions",
-        "edge_eng_mlp_latent_dimensions", "latent_resnet_coefficients",
+        "edge_eng_mlp_latent_dimensions", "latent_resnet_update_ratios",
     ):
         if hp.get(k) is not None:
             hp[k] = tuple(hp[k])

@@ -1,37 +1,47 @@
 """NequIP (Batzner et al. 2022, Nat. Commun. 13, 2453) in Flax + e3nn-jax.
 
-A block-by-block port of the classic mir-group/nequip 0.6 `EnergyModel`:
+A block-by-block port of the classic mir-group/nequip 0.6 `EnergyModel` (SimpleIrrepsConfig +
+EnergyModel). With the same weights it reproduces nequip 0.6.2's per-atom energies and forces (checked
+on ethanol and LiPS, float64: 1e-16 relative for l_max <= 1, ~1e-7 for l_max 2, the precision of
+e3nn-torch's stored constants). Every parameter has nequip's shape and layout.
 
-    nequip                                   here
-    ---------------------------------------  ------------------------------------------------------
-    OneHotAtomEncoding                        `jax.nn.one_hot(species)` (node attrs, S x 0e)
-    SphericalHarmonicEdgeAttrs                `e3nn.spherical_harmonics(l_max, normalize=True,
-      (normalize=True, "component")             normalization="component")` of D = r_j - r_i
-    RadialBasisEdgeEncoding                   `BesselBasis` (trainable n*pi, prefactor 2/r_max as nequip)
-      BesselBasis * PolynomialCutoff(p)         x `polynomial_cutoff(r, r_max, p)`
-    chemical_embedding (AtomwiseLinear)       `e3nn.flax.Linear(F x 0e)` on the one-hot
-    layer{i}_convnet (ConvNetLayer)           `ConvNetLayer`:
-      InteractionBlock                          `InteractionBlock`:
-        sc  FullyConnectedTensorProduct(x,        species-indexed `e3nn.flax.Linear` / sqrt(S) (identical
-            one-hot)                              to an FCTP with one-hot attrs, incl. e3nn normalisation)
-        linear_1 (o3.Linear)                      `e3nn.flax.Linear`
-        fc  FullyConnectedNet([nb] + L*[n] +      `RadialMLP` (no biases, 1/sqrt(fan_in), normalised SiLU)
-            [weight_numel], silu)
-        tp  uvu TensorProduct(x_j, Y_ij), per-    `e3nn.tensor_product(x_j, Y_ij)` then per-irrep-chunk
-            edge weights                           multiply by the radial weights
-        scatter(edge_dst) / sqrt(avg_num_nb)      `jax.ops.segment_sum(..., receivers)` / sqrt(avg_num_nb)
-        linear_2 (o3.Linear on sorted irreps)     `e3nn.flax.Linear` (e3nn-jax regroups = sort+simplify)
-        + sc
-      Gate (scalars e:silu o:tanh, gates        `_gate` with the same normalised activations
-            e:silu o:tanh)
-      resnet if irreps_out == irreps_in         same rule (nequip's `resnet` option, default false)
-    conv_to_output_hidden (AtomwiseLinear)    `e3nn.flax.Linear(max(1, F//2) x 0e)`
-    output_hidden_to_scalar (AtomwiseLinear)  `e3nn.flax.Linear(1x0e)` -> per-atom energy
-    PerSpeciesScaleShift / RescaleOutput      in `jaxbench.potential.Potential`, not here
+    nequip 0.6                                 here
+    ---------------------------------------    -----------------------------------------------------
+    OneHotAtomEncoding                          `jax.nn.one_hot(species)` (node attrs, S x 0e)
+    SphericalHarmonicEdgeAttrs                  `e3nn.spherical_harmonics(0e+1o+2e.., D, normalize=True,
+      (normalize=True, "component")               normalization="component")`, D = r_j - r_i
+    RadialBasisEdgeEncoding:                    `blocks.BesselBasis` (trainable n*pi; rescaled to nequip's
+      BesselBasis (2/r_max sin(n pi r/r_max)/r)   2/r_max prefactor) x `blocks.polynomial_cutoff(r, p)`
+      x PolynomialCutoff(p)
+    chemical_embedding (AtomwiseLinear)         `e3nn.flax.Linear(F x 0e)` on the one-hot
+    layer{i}_convnet (ConvNetLayer):            `NequIP.__call__` loop:
+      conv = InteractionBlock:                    `InteractionBlock`:
+        sc  FullyConnectedTensorProduct(x,          `_self_connection`: (x (x) one-hot) @ W, W [mul, S, mul']
+            one-hot, irreps_out)                      as e3nn's "uvw" weights, same normalisation
+        linear_1 (o3.Linear)                        `e3nn.flax.Linear`
+        fc  FullyConnectedNet([nb]+L*[n]+[numel])   `RadialMLP` + last layer (`fc_w{L}`): no biases,
+                                                      N(0,1) weights / sqrt(fan_in), normalised SiLU
+        tp  TensorProduct uvu(x_j, Y_ij, weights)   per input irrep chunk: CG contracted with Y_ij, then
+                                                      with x_j; times the per-edge weights
+        scatter(edge_dst) / sqrt(avg_num_nb)        `jax.ops.segment_sum(..., receivers)` / sqrt(avg_num_nb)
+        linear_2 o3.Linear(irreps_mid.sort()        per output irrep: the paths with that output, path-major,
+                 .simplify() -> irreps_out)           (n_paths * mul) -> mul_out, e3nn normalisation
+        x + sc
+      equivariant_nonlin = Gate (inputs sorted    `_gate` (same sorted layout, scalars e:silu o:tanh,
+        by irrep, as e3nn's Gate)                   gates e:silu o:tanh, normalised to unit 2nd moment)
+      resnet if layer irreps_out == irreps_in     same rule (nequip's `resnet` option; its default false)
+    conv_to_output_hidden (AtomwiseLinear)      `e3nn.flax.Linear(max(1, F//2) x 0e)`
+    output_hidden_to_scalar (AtomwiseLinear)    `e3nn.flax.Linear(1x0e)` -> per-atom energy
+    PerSpeciesScaleShift / RescaleOutput        in `jaxbench.potential.Potential`, not here
 
-Irreps follow nequip's `SimpleIrrepsConfig`: features F x l^p for p in (e, o) (only e without
-parity) and l <= l_max; edge SH with p = -1 (or +1 without parity); in every layer only irreps with a
+Irreps follow nequip's `SimpleIrrepsConfig`: features F x l^p for p in (e, o) (only e without parity),
+l <= l_max; edge SH with p = -1 (or +1 without parity); in every layer only irreps with a
 tensor-product path from the layer's input are created, exactly as `ConvNetLayer` prunes them.
+
+Performance notes (XLA:CPU; see `InteractionBlock`): the radial weights are spread over each path's
+2l+1 components on the parameter side (one matmul per input chunk gives [E, mul, K] weights), there is
+one scatter per input chunk, and linear_2 reads the node sums through a 0/1 permutation matmul (slices
+there made XLA recompute their backward once per edge inside the segment_sum-backward gather).
 """
 
 from __future__ import annotations
@@ -143,22 +153,24 @@ def _gate(x: jax.Array, gate_plan, act_scalars, act_gates) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _uvu_plan(irreps_in: str, irreps_sh: str, irreps_out: str):
-    """Static plan of nequip's InteractionBlock tensor product, grouped by input chunk.
+    """Static plan of nequip's InteractionBlock tensor product.
 
     Instructions as nequip builds them: i over the node irreps, j over the SH irreps, ir_out in
-    ir_i * ir_j, kept if ir_out is in `irreps_out`, one output slot (mul_i x ir_out) each ("uvu").
-    For every input chunk i with paths: (offset of the chunk in x, ir_i.dim, CG [d_sh, d_i, K_i]
-    (the chunk's paths side by side along K, e3nn-jax coefficients times sqrt(2 l_out + 1) =
-    "component" normalisation as e3nn's TensorProduct), expand [n_paths, K_i] (0/1: path -> its
-    components), {ir_out: pick [K_i, n, ir_out.dim]} (0/1: the chunk's paths with that output, in
-    instruction order)). Also returns the multiplicity, the total number of paths and the picks of
-    every output irrep over the concatenation of all chunks' components."""
+    ir_i * ir_j, kept if ir_out is in `irreps_out`; each has its own output slot (mul_i x ir_out, "uvu").
+
+    Returns (chunks, mul, n_paths, groups, sort_perm):
+      chunks: per input chunk i with paths, (offset of the chunk in x, ir_i.dim, CG [d_sh, d_i, K_i] with
+        the chunk's paths side by side along K (e3nn-jax coefficients times sqrt(2 l_out + 1): e3nn's
+        "component" normalisation), expand [n_paths_i, K_i] (0/1: path -> its components));
+      groups: [(ir_out, n_paths with that output)], and sort_perm [K, K] (0/1) reordering the
+        concatenated components of all chunks so that each group's paths are consecutive, in
+        instruction order: the layout of nequip's sorted `irreps_mid` (what linear_2 reads)."""
     irreps_in, irreps_sh, irreps_out = e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_sh), e3nn.Irreps(irreps_out)
     allowed = [ir for _, ir in irreps_out]
     sh_off = np.cumsum([0] + [ir.dim for _, ir in irreps_sh])
     muls = {mul for mul, _ in irreps_in}
     assert len(muls) == 1, "nequip node features share one multiplicity"
-    chunks, n_paths, x_off = [], 0, 0
+    chunks, paths, x_off, k0 = [], [], 0, 0  # paths: (ir_out, first component in the concatenation)
     for mul, ir_in in irreps_in:
         blocks, outs = [], []
         for j, (_, ir_sh) in enumerate(irreps_sh):
@@ -171,34 +183,29 @@ def _uvu_plan(irreps_in: str, irreps_sh: str, irreps_out: str):
                     outs.append(ir_out)
         if outs:
             k_i = sum(ir.dim for ir in outs)
-            starts = np.cumsum([0] + [ir.dim for ir in outs])[:-1]
             expand = np.zeros((len(outs), k_i))
-            picks = {}
-            for q, (st, ir) in enumerate(zip(starts, outs)):
-                expand[q, st : st + ir.dim] = 1.0
-                picks.setdefault(ir, []).append(st)
-            for ir, sts in picks.items():
-                pick = np.zeros((k_i, len(sts), ir.dim))
-                for n, st in enumerate(sts):
-                    pick[st : st + ir.dim, n, :] = np.eye(ir.dim)
-                picks[ir] = pick
-            chunks.append((x_off, ir_in.dim, np.concatenate(blocks, axis=-1), expand, picks))
-            n_paths += len(outs)
+            kk = 0
+            for q, ir in enumerate(outs):
+                expand[q, kk : kk + ir.dim] = 1.0
+                paths.append((ir, k0 + kk))
+                kk += ir.dim
+            chunks.append((x_off, ir_in.dim, np.concatenate(blocks, axis=-1), expand))
+            k0 += k_i
         x_off += mul * ir_in.dim
-    # picks over the concatenation of all chunks' components, per output irrep, instruction order
-    k_total = sum(c[3].shape[1] for c in chunks)
-    picks_all, k0 = {}, 0
-    for c in chunks:
-        for ir, pick in c[4].items():
-            picks_all.setdefault(ir, []).append(np.pad(pick, ((k0, k_total - k0 - pick.shape[0]), (0, 0), (0, 0))))
-        k0 += c[3].shape[1]
-    picks_all = {ir: np.concatenate(ps, axis=1) for ir, ps in picks_all.items()}
-    return chunks, muls.pop(), n_paths, picks_all
+    groups = {}
+    for ir, start in paths:
+        groups.setdefault(ir, []).append(start)
+    order = [start + c for ir, starts in groups.items() for start in starts for c in range(ir.dim)]
+    sort_perm = np.zeros((k0, k0))
+    sort_perm[order, np.arange(k0)] = 1.0
+    return chunks, muls.pop(), len(paths), [(ir, len(starts)) for ir, starts in groups.items()], sort_perm
 
 
 class InteractionBlock(nn.Module):
+    """nequip `InteractionBlock` (self-connection, linear_1, radial fc, uvu tp, scatter, linear_2)."""
+
     irreps_in: str
-    irreps_out: str  # conv_irreps_out (scalars + gates + gated)
+    irreps_out: str  # conv_irreps_out (scalars + gates + gated, sorted as e3nn's Gate.irreps_in)
     irreps_sh: str
     num_species: int
     avg_num_neighbors: float
@@ -212,20 +219,15 @@ class InteractionBlock(nn.Module):
         irreps_out = e3nn.Irreps(self.irreps_out)
         n_node, n_edge, dtype = x.shape[0], sh.shape[0], sh.dtype
         if self.use_sc:
-            # FullyConnectedTensorProduct(x, one-hot): a species-indexed linear map; e3nn's path
-            # normalisation of the FCTP adds 1/sqrt(num_species) over a plain Linear.
-            sc = e3nn.flax.Linear(irreps_out, num_indexed_weights=self.num_species, force_irreps_out=True, name="sc")(
-                species, x
-            )
-            sc = sc.array * (1.0 / math.sqrt(self.num_species))
+            sc = self._self_connection(x, jax.nn.one_hot(species, self.num_species, dtype=dtype))
         x = e3nn.flax.Linear(x.irreps, name="linear_1")(x)
 
-        # -- uvu tensor product x_j (x) Y_ij, per-edge / per-channel / per-path weights, scatter --
-        chunks, mul, n_paths, picks = _uvu_plan(str(x.irreps), self.irreps_sh, self.irreps_out)
-        # Radial network (e3nn FullyConnectedNet). Its last layer is applied here: the parameter keeps
-        # e3nn's uvu weight layout ([hidden, n_paths * mul], instruction-major), and is spread, on the
-        # parameter side, over each path's 2l+1 output components, so that one matmul per input chunk
-        # yields the per-edge weights of every component: [E, mul, K].
+        # -- uvu tensor product x_j (x) Y_ij with per-edge, per-channel, per-path weights; scatter --
+        chunks, mul, n_paths, groups, sort_perm = _uvu_plan(str(x.irreps), self.irreps_sh, self.irreps_out)
+        # Radial network (e3nn FullyConnectedNet, no biases). Its last layer is applied here: the
+        # parameter keeps e3nn's uvu weight layout ([hidden, n_paths * mul], instruction-major) and is
+        # spread on the parameter side over each path's 2l+1 output components, so that one matmul per
+        # input chunk gives the per-edge weight of every component, [E, mul, K].
         hidden = RadialMLP((self.invariant_neurons,) * self.invariant_layers, self.radial_act, True, name="fc")(
             edge_embedding
         )
@@ -234,50 +236,68 @@ class InteractionBlock(nn.Module):
         w_last = (w_last.astype(dtype) / np.sqrt(h_dim).astype(dtype)).reshape(h_dim, n_paths, mul)
         x_j = x.array[senders]
         norm = 1.0 / math.sqrt(self.avg_num_neighbors)
-        sums, w_off = [], 0
-        for x_off, d, cg, expand, _ in chunks:
+        sums, p0 = [], 0
+        for x_off, d, cg, expand in chunks:
             n_p = expand.shape[0]
-            dims = expand.sum(axis=1).astype(int)
             xa = x_j[:, x_off : x_off + mul * d].reshape(n_edge, mul, d)
             m = jnp.einsum("eb,bak->eak", sh, jnp.asarray(cg, dtype))  # Y_ij contracted with the CG: [E, d, K]
-            out = jnp.einsum("eua,eak->euk", xa, m)  # [E, mul, K]: every path of this chunk
-            w_exp = jnp.einsum("hpu,pk->huk", w_last[:, w_off : w_off + n_p], jnp.asarray(expand, dtype))
-            wa = (hidden @ w_exp.reshape(h_dim, -1)).reshape(n_edge, mul, -1)
-            w_off += n_p
-            sums.append(jax.ops.segment_sum(out * wa, receivers, num_segments=n_node) * norm)  # [N, mul, K]
+            tp = jnp.einsum("eua,eak->euk", xa, m)  # [E, mul, K]: all paths of this chunk, unweighted
+            w_exp = jnp.einsum("hpu,pk->huk", w_last[:, p0 : p0 + n_p], jnp.asarray(expand, dtype))
+            w = (hidden @ w_exp.reshape(h_dim, -1)).reshape(n_edge, mul, -1)
+            p0 += n_p
+            # one scatter per chunk: a concatenation at the edge level costs a full extra pass
+            sums.append(jax.ops.segment_sum(tp * w, receivers, num_segments=n_node) * norm)  # [N, mul, K]
         agg = jnp.concatenate(sums, axis=-1) if len(sums) > 1 else sums[0]  # [N, mul, K_total]
 
         # -- linear_2: o3.Linear(irreps_mid sorted + simplified -> irreps_out) --
-        # For output irrep c its input is the paths with output c, path-major ((n_c * mul) x c). They are
-        # picked out of the sums with 0/1 matmuls, not slices: XLA:CPU would fuse the slices' transposes
-        # (pad chains) into the [E, ...] gather of the segment_sum backward and recompute them once per
-        # edge (measured 2.5x slower layers at LiPS size).
-        order = np.concatenate([np.argmax(pick.reshape(pick.shape[0], -1), axis=0) for pick in picks.values()])
-        perm = np.zeros((len(order), len(order)))
-        perm[order, np.arange(len(order))] = 1.0
-        agg = jnp.einsum("nuk,kq->nuq", agg, jnp.asarray(perm, dtype))  # components sorted by output irrep
-        picked, off = {}, 0
-        for ir, pick in picks.items():
-            n_c = pick.shape[1]
-            picked[ir] = jnp.swapaxes(agg[:, :, off : off + n_c * ir.dim].reshape(n_node, mul, n_c, ir.dim), 1, 2)
+        # For output irrep c its input is the n_c paths with output c, path-major ((n_c * mul) x c). The
+        # components are reordered with a 0/1 matmul, not with slices: XLA:CPU fuses the slices'
+        # transposes (pad chains) into the [E, ...] gather of the segment_sum backward and recomputes them
+        # once per edge (2.5x slower layers at LiPS size).
+        agg = jnp.einsum("nuk,kq->nuq", agg, jnp.asarray(sort_perm, dtype))
+        grouped, off = {}, 0
+        for ir, n_c in groups:
+            grouped[ir] = agg[:, :, off : off + n_c * ir.dim].reshape(n_node, mul, n_c, ir.dim)
             off += n_c * ir.dim
         outs = []
         for o, (mul_o, ir_o) in enumerate(irreps_out):
-            if ir_o not in picked:
+            if ir_o not in grouped:
                 outs.append(jnp.zeros((n_node, mul_o * ir_o.dim), dtype))
                 continue
-            xc = picked[ir_o]  # [N, n_c, mul, d], instruction order
-            n_c = xc.shape[1]
+            xc = grouped[ir_o]  # [N, mul, n_c, d]
+            n_c = xc.shape[2]
             wo = self.param(
                 f"linear_2 w[{o}] {n_c * mul}x{ir_o},{mul_o}x{ir_o}", nn.initializers.normal(1.0), (n_c * mul, mul_o),
                 jnp.float32,
-            ).astype(dtype)
-            y = jnp.einsum("npui,puv->nvi", xc, wo.reshape(n_c, mul, mul_o)) * (1.0 / math.sqrt(n_c * mul))
+            ).astype(dtype)  # e3nn layout: input index = path * mul + u
+            y = jnp.einsum("nupi,puv->nvi", xc, wo.reshape(n_c, mul, mul_o)) * (1.0 / math.sqrt(n_c * mul))
             outs.append(y.reshape(n_node, mul_o * ir_o.dim))
         out = jnp.concatenate(outs, axis=-1)
         if self.use_sc:
             out = out + sc
         return out
+
+    def _self_connection(self, x: e3nn.IrrepsArray, node_attrs: jax.Array) -> jax.Array:
+        """e3nn FullyConnectedTensorProduct(x, one-hot species, irreps_out): weights [mul_in, S, mul_out]
+        per (input chunk, output chunk) of the same irrep ("uvw"), normalised by 1/sqrt(fan_in) with
+        fan_in = sum over the output's inputs of mul_in * S. Computed as (x (x) one-hot) @ W."""
+        irreps_out = e3nn.Irreps(self.irreps_out)
+        n_node, dtype, n_s = x.shape[0], x.dtype, node_attrs.shape[-1]
+        outs = []
+        for o, (mul_o, ir_o) in enumerate(irreps_out):
+            ins = [(i, mul_i, off) for i, ((mul_i, ir_i), off) in enumerate(zip(x.irreps, x.irreps.slices())) if ir_i == ir_o]
+            if not ins:
+                outs.append(jnp.zeros((n_node, mul_o * ir_o.dim), dtype))
+                continue
+            fan_in = sum(mul_i * n_s for _, mul_i, _ in ins)
+            y = 0.0
+            for i, mul_i, sl in ins:
+                w = self.param(f"sc w[{i},{o}] {mul_i}x{ir_o},{mul_o}x{ir_o}", nn.initializers.normal(1.0),
+                               (mul_i, n_s, mul_o), jnp.float32).astype(dtype)
+                xi = x.array[:, sl].reshape(n_node, mul_i, 1, ir_o.dim) * node_attrs[:, None, :, None]
+                y = y + jnp.einsum("nki,kv->nvi", xi.reshape(n_node, mul_i * n_s, ir_o.dim), w.reshape(mul_i * n_s, mul_o))
+            outs.append((y * (1.0 / math.sqrt(fan_in))).reshape(n_node, mul_o * ir_o.dim))
+        return jnp.concatenate(outs, axis=-1)
 
 
 class NequIP(nn.Module):
