@@ -22,8 +22,11 @@ class JaxbenchCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, potential: Potential, params, dtype=jnp.float64, policy: PaddingPolicy = DEFAULT_POLICY, **kw):
+    def __init__(self, potential: Potential, params, dtype=None, policy: PaddingPolicy = DEFAULT_POLICY, **kw):
+        """`dtype`: float64 when JAX's x64 mode is on (the default for physics checks), else float32."""
         super().__init__(**kw)
+        if dtype is None:
+            dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
         self.potential = potential
         self.dtype = dtype
         self.params = cast_params(params, dtype)
