@@ -28,7 +28,9 @@ def _graph(n_atoms=7, r_max=5.0, seed=0, extra_far=0, n_pad=5):
     neighbour list with a skin would hold), then `n_pad` masked padding edges on a padding node."""
     rng = np.random.default_rng(seed)
     pos = rng.uniform(0.0, 4.5, size=(n_atoms, 3))
-    pairs = [(i, j) for i in range(n_atoms) for j in range(n_atoms) if i != j and np.linalg.norm(pos[j] - pos[i]) < r_max]
+    pairs = [
+        (i, j) for i in range(n_atoms) for j in range(n_atoms) if i != j and np.linalg.norm(pos[j] - pos[i]) < r_max
+    ]
     pos_all, far = pos, []
     if extra_far:  # one more real atom, beyond r_max of every other one, yet listed as atom 0's neighbour
         pos_all = np.concatenate([pos, pos.max(axis=0, keepdims=True) + r_max + 0.5])
@@ -49,7 +51,9 @@ def _graph(n_atoms=7, r_max=5.0, seed=0, extra_far=0, n_pad=5):
 
 
 def _apply(module, params, g):
-    return module.apply(params, g["vectors"], g["species"], g["senders"], g["receivers"], g["edge_mask"], g["node_mask"])
+    return module.apply(
+        params, g["vectors"], g["species"], g["senders"], g["receivers"], g["edge_mask"], g["node_mask"]
+    )
 
 
 def _init(module, g):
