@@ -29,6 +29,11 @@ _MODULES = {
     "allegro": "jaxbench.models.allegro",
     "mace": "jaxbench.models.mace",
     "botnet": "jaxbench.models.mace",
+    "painn": "jaxbench.models.painn",
+    "schnet": "jaxbench.models.schnet",
+    "torchmdnet": "jaxbench.models.torchmdnet",
+    "dimenetpp": "jaxbench.models.dimenetpp",
+    "equiformer": "jaxbench.models.equiformer",
 }
 
 
