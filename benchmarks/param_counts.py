@@ -378,6 +378,17 @@ def _references(architecture: str):
         return [("EnergyModel", "nequip", _ref_nequip)]
     if architecture == "allegro":
         return [("Allegro", "nequip-allegro", _ref_allegro)]
+    # Model zoo II: one file per architecture in benchmarks/ref_models/<architecture>.py defining
+    # REFERENCES = [(label, pip package, builder(h: _HP, num_species) -> (torch model, notes))].
+    path = Path(__file__).resolve().parent / "ref_models" / f"{architecture}.py"
+    if path.is_file():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(f"_ref_models_{architecture}", path)
+        mod = importlib.util.module_from_spec(spec)
+        mod._HP = _HP  # the builders read hyperparameters through the same helper
+        spec.loader.exec_module(mod)
+        return list(mod.REFERENCES)
     return []
 
 
@@ -418,7 +429,10 @@ def torch_worker(legacy_mace: str | None = None, only: str | None = None) -> Non
                 torch.serialization.add_safe_globals([slice])
         except Exception as e:  # noqa: BLE001
             out["error"] = f"torch import failed: {type(e).__name__}: {e}"
-        for pkg in ("torch", "e3nn", "mace-torch", "nequip", "nequip-allegro", "cuequivariance"):
+        pkgs = ["torch", "e3nn", "mace-torch", "nequip", "nequip-allegro", "cuequivariance"]
+        for spec in specs:
+            pkgs += [r[1] for r in _references(spec["architecture"]) if r[1] not in pkgs]
+        for pkg in pkgs:
             out["versions"][pkg] = _dist_version(pkg)
         for spec in specs:
             refs = [r for r in _references(spec["architecture"]) if only is None or r[0] == only]
