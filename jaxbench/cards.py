@@ -16,6 +16,32 @@ import yaml
 from .errors import DataError, UnknownNameError
 
 KINDS = ("data", "models", "sims")
+# Users' own card folders (each may hold data/, models/, sims/ subfolders), searched after the
+# packaged cards: `$JAXBENCH_CARDS` (os.pathsep-separated) and `add_path()`.
+ENV_CARDS = "JAXBENCH_CARDS"
+_EXTRA_PATHS: list[Path] = []
+
+
+def add_path(path: str | Path) -> None:
+    """Also read cards from `path`/{data,models,sims} (e.g. a generated dataset's card)."""
+    path = Path(path).expanduser().resolve()
+    if path not in _EXTRA_PATHS:
+        _EXTRA_PATHS.append(path)
+    clear_caches()
+
+
+def clear_caches() -> None:
+    _cards.cache_clear()
+    from . import data
+
+    data._all_specs.cache_clear()
+
+
+def search_dirs(kind: str) -> list[Path]:
+    import os
+
+    extra = [Path(p).expanduser() for p in os.environ.get(ENV_CARDS, "").split(os.pathsep) if p.strip()]
+    return [card_dir(kind)] + [p / kind for p in extra + _EXTRA_PATHS if (p / kind).is_dir()]
 
 
 def card_dir(kind: str) -> Path:
@@ -48,10 +74,13 @@ def read_card(path: str | Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def _cards(kind: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for p in sorted(card_dir(kind).glob("*.yaml")):
-        card = read_card(p)
-        out[card["name"]] = card
+    out: dict[str, dict[str, Any]] = {}
+    for d in search_dirs(kind):
+        for p in sorted(d.glob("*.yaml")):
+            card = read_card(p)
+            if card["name"] in out:
+                raise DataError(f"card name '{card['name']}' is also defined in {out[card['name']]['_path']}", file=str(p))
+            out[card["name"]] = card
     return out
 
 

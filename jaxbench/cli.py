@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--batch-size", type=int, help="frames per evaluation batch (default: the card's valid_batch_size)")
     pe.add_argument("--no-plots", action="store_true")
     pe.set_defaults(func=cmd_evaluate)
+    from .cli_bench import add_commands
+
+    add_commands(sub)
     return p
 
 

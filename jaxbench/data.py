@@ -65,6 +65,8 @@ class DatasetSpec:
     url: str
     notes: str
     card_path: str
+    # {split, frame_interval_fs} when one split is a contiguous, time-ordered trajectory (else None)
+    trajectory: dict | None = None
 
     @property
     def files(self) -> list[tuple[str, str]]:
@@ -145,6 +147,7 @@ def _specs_from_card(card: dict) -> list[DatasetSpec]:
         family=card.get("family", card["name"]),
         periodic=card.get("kind") == "periodic",
         simulation=card.get("simulation", {}),
+        trajectory=card.get("trajectory"),
         units=card.get("units", {}),
         url=card.get("source", {}).get("url", ""),
         notes=card.get("notes", ""),
