@@ -271,13 +271,16 @@ def bench(
     data_dir=None,
     plots: bool = True,
     train_kw: dict | None = None,
+    reference_split: str | None = "auto",
 ) -> dict[str, Any]:
     """Train (or reuse `run`), evaluate, simulate and score `model` on `dataset`; write `out`.
 
     `model`: a model card name or dict (ignored when `run` is given). `protocol`: a protocol card name,
     YAML path or :class:`jaxbench.md.Protocol`; `replicas` / `steps` / `temperature` / `timestep`
     override it. `oracle`: an :class:`jaxbench.md.EnergyModel` that is the ground truth (e.g. the
-    classical potential behind a generated dataset). Re-running with the same `out` reuses the finished
+    classical potential behind a generated dataset). `reference_split`: the frames that are the structure
+    reference without an oracle ('auto': the test set at the protocol's temperature, e.g. 3BPA's
+    test_600K at 600 K; None: no reference frames at this state point). Re-running with the same `out` reuses the finished
     training run (and resumes an interrupted one). Returns the results dict (also in out/results.json).
     """
     from . import data, md, trajectory
@@ -291,6 +294,10 @@ def bench(
     # ---- everything that can fail cheaply, before compute --------------------------------------
     proto = protocol if isinstance(protocol, md.Protocol) else md.load_protocol(protocol, dataset)
     proto = proto.replace(replicas=replicas, steps=steps, temperature_K=temperature, timestep_fs=timestep).validate()
+    if reference_split == "auto":
+        from .tasks import _reference_split
+
+        reference_split = _reference_split(dataset, proto)
     run_dir = Path(run) if run is not None else out / "train"
     if run is not None:
         runs.read_run(run_dir)  # names a missing / broken run now
@@ -366,14 +373,19 @@ def bench(
         ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
         ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
         ref_name = f"oracle '{res['oracle']}' rollout, all replicas"
-    else:
-        test = data.load(dataset, "test", data_dir=data_dir)
+    elif reference_split is not None:
+        test = data.load(dataset, reference_split, data_dir=data_dir)
         ref_pos = _positions_of_frames(test)
         ref_cells = np.asarray(test.cell) if ref_pos is not None else None
-        ref_name = f"dataset '{dataset}' test split"
+        ref_name = f"dataset '{dataset}' split '{reference_split}'"
         if ref_pos is not None and ref_pos.shape[1] != n_atoms:
             ref_pos = None
-    if ref_pos is None:
+    else:
+        ref_pos, ref_name = None, None
+    if ref_name is None:
+        res["structure"] = na(f"dataset '{dataset}' has no reference frames at {proto.temperature_K:g} K and no oracle "
+                              "was given")
+    elif ref_pos is None:
         res["structure"] = na(f"the reference frames ({ref_name}) do not all have the simulated atoms")
     else:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -36,11 +37,24 @@ def cmd_bench(args) -> int:
         from .cli import _load_model_for_simulate
 
         oracle = _load_model_for_simulate(args.oracle)
-    out = args.out or f"bench/{args.model or Path(args.run).name}-{args.dataset}"
-    if args.model is None and args.run is None:
-        from .errors import JaxbenchError
+    from .errors import JaxbenchError
 
+    if args.model is None and args.run is None:
         raise JaxbenchError("bench needs --model CARD (to train) or --run RUN (a trained run directory)")
+    if args.task:
+        from .tasks import run_task
+
+        out = args.out or f"bench/{args.model or Path(args.run).name}-{args.task}"
+        summary = run_task(args.task, args.model, out, run=args.run, train_budget=args.train_budget,
+                           max_epochs=args.max_epochs, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                           replicas=args.replicas, steps=args.steps, seed=args.seed, dtype=args.dtype,
+                           progress=not args.quiet, data_dir=args.data_dir)
+        print(json.dumps(summary["groups"], indent=1))
+        print(f"task summary: {Path(out) / 'task.json'}; per-run reports under {out}/")
+        return 0
+    if args.dataset is None:
+        raise JaxbenchError("bench needs --dataset NAME (or --task NAME)")
+    out = args.out or f"bench/{args.model or Path(args.run).name}-{args.dataset}"
     r = bench(args.model, args.dataset, out, run=args.run, train_budget=args.train_budget, max_epochs=args.max_epochs,
               n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, protocol=args.protocol or "egraffbench",
               replicas=args.replicas, steps=args.steps, temperature=args.temperature, timestep=args.timestep,
@@ -75,7 +89,9 @@ def add_commands(sub) -> None:
 
     pb = sub.add_parser("bench", help="train (or reuse a run), evaluate, simulate and score a model on a dataset")
     pb.add_argument("--model", help="model card (see `jaxbench models list`)")
-    pb.add_argument("--dataset", required=True, help="dataset (see `jaxbench data list`)")
+    pb.add_argument("--dataset", help="dataset (see `jaxbench data list`)")
+    pb.add_argument("--task", help="named out-of-distribution task instead of --dataset: 3bpa-600k, acac-600k, "
+                                   "lips20-ood, md17-transfer-<a>-to-<b>")
     pb.add_argument("--run", help="reuse this trained run directory instead of training")
     pb.add_argument("--train-budget", default="60m", help="training wall-clock budget (default 60m)")
     pb.add_argument("--max-epochs", type=int)

@@ -244,3 +244,33 @@ def test_bench_refuses_bad_input_before_compute(tmp_path):
     with pytest.raises(JaxbenchError):
         bench(None, "md17-ethanol", tmp_path / "c", run=tmp_path / "no-such-run")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@requires_data
+def test_named_tasks_and_their_reference_frames():
+    from jaxbench import tasks
+    from jaxbench.errors import UnknownNameError
+
+    t = tasks.tasks()
+    assert {"3bpa-600k", "acac-600k", "lips20-ood", "md17-transfer-aspirin-to-ethanol"} <= set(t)
+    groups = [g for *_, g in t["lips20-ood"].runs]
+    assert groups.count("train") == 5 and groups.count("crystal") == 4 and groups.count("test") == 7
+    # structure references at the protocol's temperature, never frames from another one
+    assert tasks._reference_split("3bpa", "egraffbench") == "test_300K"
+    assert tasks._reference_split("3bpa", "egraffbench-600k") == "test_600K"
+    assert tasks._reference_split("acac", "egraffbench-600k") is None
+    assert tasks._reference_split("acac", "egraffbench") == "test"
+    with pytest.raises(UnknownNameError, match="3bpa-600k"):
+        tasks.get("3bpa-600")
+
+
+@requires_data
+@pytest.mark.slow
+def test_md17_transfer_task_end_to_end(tmp_path):
+    from jaxbench.tasks import run_task
+
+    s = run_task("md17-transfer-ethanol-to-aspirin", "mace-small", tmp_path, train_budget="60s", max_epochs=1,
+                 n_train=10, n_val=5, n_test=10, replicas=2, steps=100, progress=False)
+    r = json.loads((tmp_path / "aspirin" / "results.json").read_text())
+    assert r["dataset"] == "md17-aspirin" and r["training"]["reused"]
+    assert s["groups"]["transfer"]["forces_mae_meV_A"]["n"] == 1
