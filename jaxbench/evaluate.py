@@ -27,9 +27,26 @@ from .frames import Frames
 EV_A3_TO_GPA = 160.21766208
 
 
+_PREDICT_CACHE: dict[str, Any] = {}
+
+
+def _jitted_call(pot):
+    """One jitted `pot.__call__` per model definition (card hyperparameters + statistics), so that evaluating
+    several runs of the same model (tests, sweeps, CLI after Python) compiles once per batch shape."""
+    import json
+
+    key = json.dumps(dict(architecture=pot.card["architecture"], hp=pot.card["hyperparameters"],
+                          stats=pot.statistics.to_json()), sort_keys=True, default=str)
+    if key not in _PREDICT_CACHE:
+        if len(_PREDICT_CACHE) > 8:
+            _PREDICT_CACHE.clear()
+        _PREDICT_CACHE[key] = jax.jit(pot.__call__, static_argnums=2)
+    return _PREDICT_CACHE[key]
+
+
 def predict(pot, params, fg, batch_size: int = 8, compute_stress: bool = False) -> dict[str, np.ndarray]:
     """Predictions for every frame of `fg` (FrameGraphs): energy [F], forces [A, 3], stress [F, 3, 3] (or None)."""
-    fn = jax.jit(pot.__call__, static_argnums=2)
+    fn = _jitted_call(pot)
     dtype = jax.tree.leaves(params)[0].dtype
     fr = fg.frames
     energy = np.zeros(len(fr))
@@ -135,7 +152,8 @@ def evaluate(
     path, meta = runs.find_checkpoint(run, ("best", "best.prev", "last", "last.prev") if which == "best" else
                                       ("last", "last.prev", "best", "best.prev"), warn=False)
     result = dict(run=str(run), model=pot.name, dataset=dataset, split=split, checkpoint=path.name,
-                  step=meta.get("step"), epoch=meta.get("epoch"), ema=meta.get("ema"), metrics=metrics,
+                  step=meta.get("step"), epoch=meta.get("epoch"), ema=meta.get("ema"),
+                  swa_average=bool(meta.get("swa_average") and meta.get("swa_count", 0) > 0), metrics=metrics,
                   wall_s=time.perf_counter() - t0, time=time.time())
     stem = f"{dataset}-{split}"
     out_path = run / f"results-{stem}.json"

@@ -17,9 +17,14 @@ Layout of a run directory::
 
 A checkpoint directory holds
 
-    state.msgpack   flax.serialization msgpack of {"params", "ema_params" (when EMA is on), "opt_state"}
+    state.msgpack   flax.serialization msgpack of {"params", "ema_params" (when EMA is on), "swa_params" (when
+                    the card has a second (SWA) phase: the running mean of the weights), "opt_state"}
     meta.json       {"format": 1, "step", "epoch", "batch_in_epoch", "phase", "lr", "plateau", "best_metric",
-                     "rng": {"seed", "epoch"}, "ema": bool, "dtype", "elapsed_s", "sha256": <of state.msgpack>, ...}
+                     "rng": {"seed", "epoch"}, "ema": bool, "swa_average": bool, "swa_count": int, "dtype",
+                     "elapsed_s", "sha256": <of state.msgpack>, ...}
+
+The parameters a checkpoint stands for (`load_potential`): `swa_params` when `swa_average` is true and
+`swa_count` > 0, else `ema_params` when `ema` is true, else `params`.
 
 `meta.json` is written last and records the sha256 of `state.msgpack`: a checkpoint without it, or whose
 hash does not match, is partial or corrupt. Writes are atomic: the new checkpoint is written into a
@@ -266,7 +271,8 @@ def read_run(run_dir) -> dict[str, Any]:
 
 
 def load_potential(run_dir, which: str = "best"):
-    """(Potential, params) of a trained run; the EMA parameters when the run kept an EMA.
+    """(Potential, params) of a trained run: the parameters its validation used (`inference_params`: the SWA
+    average, the EMA or the trained weights).
 
     `which` is 'best' (falls back to best.prev, then last, last.prev) or 'last' (falls back to last.prev,
     best, best.prev). Parameters come back in the dtype they were trained in (`cast_params` to change)."""
@@ -279,5 +285,14 @@ def load_potential(run_dir, which: str = "best"):
     order = ("best", "best.prev", "last", "last.prev") if which == "best" else ("last", "last.prev", "best", "best.prev")
     path, meta = find_checkpoint(run_dir, order)
     state = load_checkpoint(path)
-    params = state["ema_params"] if meta.get("ema") and state.get("ema_params") is not None else state["params"]
-    return pot, params
+    return pot, inference_params(state, meta)
+
+
+def inference_params(state: dict, meta: dict):
+    """The parameters a checkpoint stands for: the SWA average when the run validated with it, else the EMA
+    when the run kept one, else the trained parameters."""
+    if meta.get("swa_average") and int(meta.get("swa_count", 0)) > 0 and state.get("swa_params") is not None:
+        return state["swa_params"]
+    if meta.get("ema") and state.get("ema_params") is not None:
+        return state["ema_params"]
+    return state["params"]

@@ -7,6 +7,9 @@ The `training` block of a card (see `TrainingConfig.from_card`; every key is val
 is computed):
 
     optimizer        adam | amsgrad | adamw              weight_decay  L2 (adam/amsgrad, as torch) or decoupled (adamw)
+    weight_decay_on  [glob patterns over parameter paths, e.g. "interaction_*/linear_[0-9]*", "product_*"]:
+                     decay only the leaves whose path (flax collection dropped, "/"-joined) matches one of
+                     them (mace-torch decays interaction `linear` weights and products only); absent: all
     learning_rate    > 0                                 clip_grad     global-norm clip (null: none)
     batch_size, valid_batch_size
     loss             mse | huber | weighted (= mse, energy per atom, as mace-torch)   huber_delta
@@ -15,9 +18,14 @@ is computed):
     ema / ema_decay / ema_use_num_updates               (EMA on when ema_decay is given, unless ema: false)
     scheduler        {name: reduce_on_plateau, factor, patience, min_lr, threshold}
                    | {name: cosine, warmup_epochs | warmup_steps, min_lr} | {name: constant}
-    swa              {enabled, learning_rate, loss_weights, start_epoch_fraction}: second phase with new loss
-                     weights and a constant lr (mace-torch "stage two"); starts at the fraction of max_epochs,
-                     or of the wall-clock budget when one is given, whichever comes first
+    swa              {enabled, learning_rate, loss_weights, start_epoch_fraction, use_average}: second phase with
+                     new loss weights and a constant lr (mace-torch "stage two"); starts at the fraction of
+                     max_epochs, or of the wall-clock budget when one is given, whichever comes first.
+                     Through it an equal-weight average of the weights after every second-phase epoch is kept
+                     (torch.optim.swa_utils.AveragedModel arithmetic; `swa_params` in the checkpoint). With
+                     use_average: true it is what validation, `best` and `last` (load_potential) use; false
+                     (default) keeps it aside, as mace-torch 0.3 does: its AveragedModel is updated but its
+                     validation and saved models are the live weights under EMA (tools/train.py, run_train.py)
     max_epochs
     early_stopping   {patience (epochs without a better validation metric), min_lr, max_wall (e.g. "5 days")}
 
@@ -124,6 +132,7 @@ class TrainingConfig:
     optimizer: str
     learning_rate: float
     weight_decay: float
+    weight_decay_on: tuple | None  # glob patterns over parameter paths; None: every parameter
     batch_size: int
     valid_batch_size: int
     loss: str  # mse | huber
@@ -155,6 +164,13 @@ class TrainingConfig:
         if lr is None:
             raise ConfigError(f"{where}.learning_rate is missing")
         wd = _num(t, "weight_decay", 0.0, nonneg=True, where=where)
+        wd_on = t.get("weight_decay_on")
+        if wd_on is not None:
+            if isinstance(wd_on, str):
+                wd_on = [wd_on]
+            if not isinstance(wd_on, (list, tuple)) or not wd_on or not all(isinstance(x, str) and x for x in wd_on):
+                raise ConfigError(f"{where}.weight_decay_on: expected a non-empty list of parameter-path patterns, got {wd_on!r}")
+            wd_on = tuple(wd_on)
         bs = t.get("batch_size", 1)
         if not isinstance(bs, int) or bs < 1:
             raise ConfigError(f"{where}.batch_size: must be a positive integer, got {bs!r}")
@@ -206,7 +222,10 @@ class TrainingConfig:
                 learning_rate=_num(raw_swa, "learning_rate", lr, positive=True, where=ww),
                 weights=_weights(raw_swa.get("loss_weights", t.get("loss_weights", {})), f"{ww}.loss_weights"),
                 start_fraction=_num(raw_swa, "start_epoch_fraction", 0.75, positive=True, where=ww),
+                use_average=raw_swa.get("use_average", False),
             )
+            if not isinstance(swa["use_average"], bool):
+                raise ConfigError(f"{ww}.use_average: must be true or false, got {swa['use_average']!r}")
             if swa["start_fraction"] > 1:
                 raise ConfigError(f"{ww}.start_epoch_fraction: must be in (0, 1], got {swa['start_fraction']}")
         max_epochs = t.get("max_epochs")
@@ -222,7 +241,7 @@ class TrainingConfig:
         except ConfigError as e:
             raise ConfigError(f"{where}.early_stopping.max_wall: {e}") from None
         return TrainingConfig(
-            optimizer=opt, learning_rate=lr, weight_decay=wd, batch_size=bs, valid_batch_size=vbs,
+            optimizer=opt, learning_rate=lr, weight_decay=wd, weight_decay_on=wd_on, batch_size=bs, valid_batch_size=vbs,
             loss="huber" if loss == "huber" else "mse", huber_delta=_num(t, "huber_delta", 0.01, positive=True, where=where),
             energy_per_atom=el == "per_atom", weights=weights, clip_grad=clip, ema=ema,
             ema_decay=float(ema_decay) if ema else 0.0, ema_use_num_updates=bool(t.get("ema_use_num_updates", True)),
@@ -233,6 +252,31 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
 
+def parameter_path(path) -> str:
+    """'interaction_0/linear_0e' for the key path of a leaf; the flax collection ('params') is dropped."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if keys and keys[0] == "params":
+        keys = keys[1:]
+    return "/".join(keys)
+
+
+def weight_decay_mask(params, patterns):
+    """Pytree of bools like `params`: True where the leaf's `parameter_path` matches one of `patterns`
+    (fnmatch globs; `*` also crosses '/'). None patterns: every leaf. A pattern that matches no leaf is
+    a ConfigError naming it (a typo would otherwise silently switch weight decay off)."""
+    from fnmatch import fnmatchcase
+
+    if patterns is None:
+        return jax.tree.map(lambda _: True, params)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [parameter_path(p) for p, _ in leaves]
+    for pat in patterns:
+        if not any(fnmatchcase(q, pat) for q in paths):
+            raise ConfigError(f"training.weight_decay_on: pattern {pat!r} matches no parameter; parameter paths "
+                              f"are like {', '.join(sorted(paths)[:6])}, ...")
+    return jax.tree_util.tree_unflatten(treedef, [any(fnmatchcase(q, pat) for pat in patterns) for q in paths])
+
+
 def make_optimizer(cfg: TrainingConfig):
     """optax transformation giving the update direction; the step applies -lr * direction."""
     import optax
@@ -240,11 +284,14 @@ def make_optimizer(cfg: TrainingConfig):
     parts = []
     if cfg.clip_grad:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad))
+    # mace-torch's parameter groups give weight_decay only to interaction `linear` weights and products;
+    # the mask is a function of the parameter tree, so it is built when the optimizer state is.
+    mask = None if cfg.weight_decay_on is None else (lambda p: weight_decay_mask(p, cfg.weight_decay_on))
     if cfg.optimizer in ("adam", "amsgrad") and cfg.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(cfg.weight_decay))  # torch Adam(weight_decay): L2 on the gradient
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))  # torch Adam(weight_decay): L2 on the gradient
     parts.append(optax.scale_by_amsgrad() if cfg.optimizer == "amsgrad" else optax.scale_by_adam())
     if cfg.optimizer == "adamw" and cfg.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(cfg.weight_decay))  # decoupled
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))  # decoupled
     return optax.chain(*parts)
 
 
@@ -365,7 +412,7 @@ def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool):
 
     key = json.dumps(dict(
         architecture=pot.card["architecture"], hp=pot.card["hyperparameters"], stats=pot.statistics.to_json(),
-        loss=cfg.loss, delta=cfg.huber_delta, per_atom=cfg.energy_per_atom, opt=cfg.optimizer, wd=cfg.weight_decay,
+        loss=cfg.loss, delta=cfg.huber_delta, per_atom=cfg.energy_per_atom, opt=cfg.optimizer, wd=cfg.weight_decay, wd_on=cfg.weight_decay_on,
         clip=cfg.clip_grad, ema=cfg.ema, ema_decay=cfg.ema_decay, ema_num=cfg.ema_use_num_updates, stress=compute_stress,
     ), sort_keys=True, default=str)
     if key in _FN_CACHE:
@@ -392,6 +439,19 @@ def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool):
         _FN_CACHE.clear()
     _FN_CACHE[key] = fns
     return fns
+
+
+@jax.jit
+def _swa_mean(avg, params, n):
+    return jax.tree.map(lambda a, p: (a + (p - a) / (n + 1)).astype(a.dtype), avg, params)
+
+
+def swa_update(avg, params, n_averaged: int):
+    """Equal-weight running mean after `n_averaged` earlier members (torch AveragedModel.update_parameters:
+    the first member is copied, then avg + (p - avg) / (n + 1))."""
+    if n_averaged == 0:
+        return jax.tree.map(lambda p: p, params)
+    return _swa_mean(avg, params, float(n_averaged))
 
 
 def _init_params(pot, init_fn, key, graph, dtype):
@@ -555,7 +615,9 @@ def train(
     state = dict(params=params, opt_state=tx.init(params))
     if cfg.ema:
         state["ema_params"] = params
-    host = dict(step=0, epoch=0, batch_in_epoch=0, phase=1, lr=cfg.learning_rate,
+    if cfg.swa:
+        state["swa_params"] = params  # placeholder until the first second-phase epoch (swa_count 0)
+    host = dict(step=0, epoch=0, batch_in_epoch=0, phase=1, lr=cfg.learning_rate, swa_count=0,
                 plateau=dict(best=None, bad_epochs=0), best_metric=None, best_epoch=None,
                 epochs_since_best=0, elapsed_s=0.0, epoch_sums={}, epoch_time_s=0.0)
     if resume:
@@ -581,11 +643,18 @@ def train(
 
     # ---- jitted step and evaluation -------------------------------------------------------------
     step_fn, eval_fn = fns[:2]
+    use_swa_average = bool(cfg.swa and cfg.swa["use_average"])
     val_batches = [_cast_graph(fg_val.batch(np.arange(i, min(i + vbs, len(fg_val))), n_graph=vbs), dtype)
                    for i in range(0, len(fg_val), vbs)]
 
+    def inference_params():
+        """The weights validation, `best` and `last` stand for (runs.load_potential reads the same choice)."""
+        if use_swa_average and host["swa_count"] > 0:
+            return state["swa_params"]
+        return state["ema_params"] if cfg.ema else state["params"]
+
     def validate(weights):
-        p = state["ema_params"] if cfg.ema else state["params"]
+        p = inference_params()
         acc = {}
         for g in val_batches:
             _add(acc, jax.device_get(eval_fn(p, g)))
@@ -609,7 +678,7 @@ def train(
         return host["lr"]
 
     def meta():
-        return dict(host, ema=cfg.ema, dtype=dtype, rng=dict(seed=seed, epoch=host["epoch"]), model=card["name"],
+        return dict(host, ema=cfg.ema, swa_average=use_swa_average, dtype=dtype, rng=dict(seed=seed, epoch=host["epoch"]), model=card["name"],
                     dataset=dataset, time=time.time())
 
     def save(which):
@@ -652,7 +721,9 @@ def train(
                 idx = order[b * bs : (b + 1) * bs]
                 graph = _cast_graph(fg_train.batch(idx, n_graph=bs), dtype)
                 lr = lr_at(host["step"])
-                new_state, loss, sums = step_fn(state, graph, lr, weights, float(host["step"] + 1))
+                # the SWA average is not an input of the step (it changes once per epoch, on the host side)
+                trained = {k: v for k, v in state.items() if k != "swa_params"}
+                new_state, loss, sums = step_fn(trained, graph, lr, weights, float(host["step"] + 1))
                 loss = float(loss)
                 if not math.isfinite(loss):
                     runs.append_jsonl(out / "log.jsonl", dict(event="nan", step=host["step"] + 1, epoch=host["epoch"],
@@ -660,7 +731,7 @@ def train(
                     raise TrainingDivergedError(
                         f"loss is {loss} at step {host['step'] + 1} (epoch {host['epoch']}, batch {b}); stopped. "
                         f"The last good checkpoint in {out / 'checkpoints'} is kept.", step=host["step"] + 1, run_dir=str(out))
-                state = new_state
+                state = dict(state, **new_state)
                 host["step"] += 1
                 host["batch_in_epoch"] = b + 1
                 host["lr"] = lr if cfg.scheduler["name"] == "cosine" else host["lr"]
@@ -695,7 +766,10 @@ def train(
                     save("best")
                 save("last")
                 break
-            # ---- end of epoch: validate, schedule, log, checkpoint -------------------------------
+            # ---- end of epoch: average, validate, schedule, log, checkpoint -------------------------
+            if host["phase"] == 2:
+                state = dict(state, swa_params=swa_update(state["swa_params"], state["params"], host["swa_count"]))
+                host["swa_count"] += 1
             val = validate(weights)
             tr = {k: float(v) for k, v in combine(host["epoch_sums"], weights).items()}
             improved = host["best_metric"] is None or val["loss"] < host["best_metric"]
@@ -736,6 +810,6 @@ def train(
         bar.close()
     summary = dict(run_dir=str(out), step=host["step"], epoch=host["epoch"], batch_in_epoch=host["batch_in_epoch"],
                    stop_reason=stop_reason, best_metric=host["best_metric"], best_epoch=host["best_epoch"],
-                   elapsed_s=elapsed(), phase=host["phase"], lr=lr_at(host["step"]))
+                   elapsed_s=elapsed(), phase=host["phase"], lr=lr_at(host["step"]), swa_count=host["swa_count"])
     runs.append_jsonl(out / "log.jsonl", dict(event="stop", **summary, time=time.time()))
     return summary

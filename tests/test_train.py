@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -295,3 +296,129 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     rb = [r for r in log if r.get("event") == "epoch"]
     for x, y in zip(ra, rb):
         assert x["train"] == pytest.approx(y["train"], rel=1e-12) and x["val"] == pytest.approx(y["val"], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight decay restricted to parameter paths (mace-torch parameter groups)
+# ---------------------------------------------------------------------------------------------
+def _small_params(card_name):
+    """Parameters of a small card built on a 3-atom H2O-like frame (no dataset needed)."""
+    from jaxbench.frames import Frames
+    from jaxbench.graph import build_graphs
+    from jaxbench.potential import Potential
+    from jaxbench.stats import DatasetStatistics
+
+    card = model_card(card_name)
+    stats = DatasetStatistics(species=(1, 6, 8), atomic_energies={1: -13.6, 6: -1029.0, 8: -2042.0},
+                              energy_per_atom_mean=0.0, energy_per_atom_std=1.0, force_rms=1.0,
+                              avg_num_neighbors=2.0, cutoff=5.0, n_frames=1)
+    pot = Potential.from_card(card, stats)
+    frames = Frames.from_arrays(np.array([[[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]]), [8, 1, 6])
+    params = pot.init(jax.random.PRNGKey(0), build_graphs(frames, pot.r_max).batch([0]))
+    return card, params
+
+
+# By hand from mace-torch 0.3 get_params_options: interactions' `linear.weight` and every product
+# parameter decay; node embedding, linear_up, radial MLP (conv_tp_weights), skip_tp and readouts do not.
+MACE_SMALL_DECAYED = {
+    "interaction_0/linear_0e", "interaction_0/linear_1o", "interaction_0/linear_2e",
+    "interaction_1/linear_0e", "interaction_1/linear_1o", "interaction_1/linear_2e",
+    "product_0/linear/w[0,0] 8x0e,8x0e", "product_0/linear/w[1,1] 8x1o,8x1o",
+    "product_0/symmetric_contraction/w1_0e", "product_0/symmetric_contraction/w1_1o",
+    "product_0/symmetric_contraction/w2_0e", "product_0/symmetric_contraction/w2_1o",
+    "product_1/linear/w[0,0] 8x0e,8x0e", "product_1/symmetric_contraction/w1_0e",
+    "product_1/symmetric_contraction/w2_0e",
+}
+BOTNET_SMALL_DECAYED = {"interaction_0/linear_0e", "interaction_0/linear_1o",
+                        "interaction_1/linear_0e", "interaction_1/linear_1o"}
+
+
+@pytest.mark.parametrize("card_name, expected", [("mace-small", MACE_SMALL_DECAYED), ("botnet-small", BOTNET_SMALL_DECAYED)])
+def test_weight_decay_mask_selects_mace_torch_groups_and_decays_only_them(card_name, expected):
+    from jaxbench.train import make_optimizer, parameter_path, weight_decay_mask
+
+    card, params = _small_params(card_name)
+    cfg = TrainingConfig.from_card(card)
+    assert cfg.weight_decay == 5e-7 and cfg.weight_decay_on is not None
+    mask = weight_decay_mask(params, cfg.weight_decay_on)
+    flat_mask = {parameter_path(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert {k for k, m in flat_mask.items() if m} == expected
+    assert any(k.startswith("node_embedding") for k in flat_mask) and any(k.startswith("readout_") for k in flat_mask)
+    # One optimizer update with zero loss gradient: only the decayed leaves move (L2 term wd * p feeds AMSGrad)
+    cfg = dataclasses.replace(cfg, clip_grad=None)
+    tx = make_optimizer(cfg)
+    zeros = jax.tree.map(np.zeros_like, params)
+    direction, _ = tx.update(zeros, tx.init(params), params)
+    for (path, d), (_, p) in zip(jax.tree_util.tree_flatten_with_path(direction)[0], jax.tree_util.tree_flatten_with_path(params)[0]):
+        name = parameter_path(path)
+        if name in expected:
+            # AMSGrad's first step is ~sign(g) = sign(p) wherever p is not tiny
+            big = np.abs(np.asarray(p)) > 1e-3
+            assert big.any() and np.all(np.sign(np.asarray(d))[big] == np.sign(np.asarray(p))[big]), name
+        else:
+            assert not np.any(np.asarray(d)), name
+    # without weight_decay_on every leaf decays (the previous behaviour, and torch's single param group)
+    all_tx = make_optimizer(dataclasses.replace(cfg, weight_decay_on=None))
+    d_all, _ = all_tx.update(zeros, all_tx.init(params), params)
+    assert all(np.any(np.asarray(d)) for d in jax.tree.leaves(d_all))
+
+
+def test_weight_decay_pattern_that_matches_nothing_is_named():
+    from jaxbench.train import weight_decay_mask
+
+    _, params = _small_params("mace-small")
+    with pytest.raises(ConfigError, match=r"'interactoin_\*/linear_\*' matches no parameter"):
+        weight_decay_mask(params, ("product_*", "interactoin_*/linear_*"))
+    with pytest.raises(ConfigError, match="weight_decay_on"):
+        TrainingConfig.from_card(dict(model_card("mace-small"), training=dict(
+            model_card("mace-small")["training"], weight_decay_on=[3])))
+
+
+# ---------------------------------------------------------------------------------------------
+# SWA: equal-weight average of the weights after every second-phase epoch
+# ---------------------------------------------------------------------------------------------
+@requires_data
+def test_swa_average_by_hand_resume_exact_and_used_for_validation(tmp_path):
+    from jaxbench.evaluate import evaluate
+
+    # 4 epochs of 2 steps, second phase from epoch 1: the average holds the weights after epochs 1, 2, 3
+    card = tiny_card(swa=dict(enabled=True, learning_rate=0.002, loss_weights={"energy": 10.0, "forces": 1.0},
+                              start_epoch_fraction=0.25, use_average=True))
+    kw = dict(KW, checkpoint_every=None)
+    staged = tmp_path / "staged"
+    after = {}
+    for epochs in (1, 2, 3, 4):
+        if epochs == 1:
+            train(model=card, max_epochs=1, out=staged, budget=None, **kw)
+        else:
+            train(out=staged, resume=True, max_epochs=epochs, budget=None, progress=False)
+        after[epochs - 1] = runs.load_checkpoint(runs.checkpoint_dir(staged, "last"))
+    meta = runs.check_checkpoint(runs.checkpoint_dir(staged, "last"))
+    assert meta["swa_count"] == 3 and meta["swa_average"] and meta["phase"] == 2
+    by_hand = (flat(after[1]["params"]) + flat(after[2]["params"]) + flat(after[3]["params"])) / 3
+    np.testing.assert_allclose(flat(after[3]["swa_params"]), by_hand, rtol=1e-6, atol=1e-7)
+    # the first member is copied exactly (torch AveragedModel), not mixed with the placeholder
+    np.testing.assert_array_equal(flat(after[1]["swa_params"]), flat(after[1]["params"]))
+    assert not np.array_equal(flat(after[3]["swa_params"]), flat(after[3]["params"]))
+    # an uninterrupted run ends bit-identical (average included)
+    full = tmp_path / "full"
+    train(model=card, max_epochs=4, out=full, budget=None, **kw)
+    a = runs.load_checkpoint(runs.checkpoint_dir(full, "last"))
+    for k in ("params", "ema_params", "swa_params", "opt_state"):
+        np.testing.assert_array_equal(flat(a[k]), flat(after[3][k]))
+    # validation, `last` and evaluate use the average: evaluating it on the same frames reproduces the
+    # logged validation force MAE of the last epoch
+    pot, params = runs.load_potential(full, "last")
+    np.testing.assert_array_equal(flat(params), flat(a["swa_params"]))
+    last_val = [r for r in runs.read_log(full) if r.get("event") == "epoch"][-1]["val"]
+    res = evaluate(full, dataset="md17-ethanol", split="val", which="last", n_frames=2, plots=False)
+    assert res["swa_average"] is True
+    assert res["metrics"]["forces_mae_meV_A"] == pytest.approx(last_val["forces_mae_meV_A"], rel=1e-4)
+    # with use_average false (mace-torch) the average is kept but the EMA weights are used
+    card_off = tiny_card(swa=dict(card["training"]["swa"], use_average=False))
+    off = tmp_path / "off"
+    train(model=card_off, max_epochs=4, out=off, budget=None, **kw)
+    b = runs.load_checkpoint(runs.checkpoint_dir(off, "last"))
+    np.testing.assert_array_equal(flat(b["swa_params"]), flat(a["swa_params"]))
+    _, params_off = runs.load_potential(off, "last")
+    np.testing.assert_array_equal(flat(params_off), flat(b["ema_params"]))
