@@ -753,7 +753,8 @@ class MDResult:
     """Outcome of :func:`simulate`. ``failed`` [R] bool, ``failure_step`` [R] (-1: none),
     ``failure_reason`` [R] bit mask (:data:`FAILURE_REASONS`), ``steps_done`` (steps advanced by the
     batch), ``arrays`` (the trajectory as :func:`jaxbench.trajectory.read` returns it, when kept in
-    memory), ``path`` (the H5MD file, if written), ``timings`` (seconds), ``n_reallocations``."""
+    memory), ``path`` (the H5MD file, if written), ``timings`` (seconds), ``n_reallocations``, ``seed``
+    (of :func:`simulate`: a reference rollout reuses it)."""
 
     failed: np.ndarray
     failure_step: np.ndarray
@@ -765,6 +766,7 @@ class MDResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     n_reallocations: int = 0
     capacity: int = 0
+    seed: int = 0
 
     @property
     def failure_time_fs(self) -> np.ndarray:
@@ -949,6 +951,7 @@ def simulate(
         timings=timings,
         n_reallocations=n_realloc,
         capacity=int(carry[1].senders.shape[-1]),
+        seed=int(seed),
     )
 
 

@@ -139,6 +139,10 @@ class Potential:
             params, vectors.astype(dtype), self.species_index(graph.species), graph.senders, graph.receivers,
             graph.edge_mask, graph.node_mask,
         )
+        # The network runs in the parameters' dtype; scale, shift and E0s are added in the positions'
+        # dtype. With float32 weights in float64 MD, totals (E0s: thousands of eV, float32 ulp ~ 0.01 eV)
+        # keep float64 resolution while per-atom network outputs keep float32's relative 1e-7.
+        out = out.astype(jnp.promote_types(vectors.dtype, out.dtype))
         st = self.statistics
         e0 = jnp.asarray([st.atomic_energies[z] for z in self.species], dtype=out.dtype)
         energies = st.force_rms * out + st.energy_per_atom_mean + e0[self.species_index(graph.species)]

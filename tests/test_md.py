@@ -306,6 +306,20 @@ def test_protocol_cards_match_papers():
         assert p.temperature_K == sim["temperature_K"][0] and p.timestep_fs == sim["timestep_fs"][0], name
         assert (p.steps, p.replicas, p.ensemble) == (1000, 5, "nvt_nose_hoover")
     assert md.load_protocol("egraffbench", "lips20-P2S5").temperature_K == 3000  # family entry
+    # out-of-distribution 600 K runs (Table 10's second temperature): 3bpa 1.0 fs, acac 0.5 fs
+    for name in ("3bpa", "acac"):
+        sim = data.datasets()[name].simulation
+        p300, p600 = md.load_protocol("egraffbench", name), md.load_protocol("egraffbench-600k", name)
+        assert (p300.temperature_K, p600.temperature_K) == tuple(sim["temperature_K"]) == (300, 600), name
+        assert p600.timestep_fs == sim["timestep_fs"][-1] and p300.timestep_fs == sim["timestep_fs"][0], name
+        assert (p600.steps, p600.replicas, p600.ensemble, p600.chain_length) == (1000, 5, "nvt_nose_hoover", 3)
+        # the start frames come from a split the dataset has, at the run's temperature where it has one
+        assert p300.frame_split in data.datasets()[name].splits and p600.frame_split in data.datasets()[name].splits
+    assert md.load_protocol("egraffbench-600k", "acac").timestep_fs == 0.5
+    assert (md.load_protocol("egraffbench", "3bpa").frame_split, md.load_protocol("egraffbench-600k", "3bpa").frame_split) == (
+        "test_300K", "test_600K")
+    with pytest.raises(JaxbenchError, match="no entry"):
+        md.load_protocol("egraffbench-600k", "md17-ethanol")
     for ds, t, dt, ps in [("md17-ethanol", 500, 0.5, 300), ("md17-aspirin", 500, 0.5, 300), ("lips", 520, 0.25, 50)]:
         p = md.load_protocol("forces-not-enough", ds)
         assert (p.temperature_K, p.timestep_fs, p.ensemble) == (t, dt, "nvt_nose_hoover")
@@ -432,3 +446,97 @@ def test_cli_run_directory_simulates(data_root, tmp_path):
     assert main(["simulate", str(run), "--dataset", "md17-ethanol", "--steps", "20", "--replicas", "2", "--quiet"]) == 0
     tr = trajectory.read(run / "md" / "egraffbench_md17-ethanol" / "trajectory.h5")
     assert tr["position"].shape == (2, 3, 9, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("card", ["mace-small", "nequip-small"])
+def test_rollout_gradient_through_potential_matches_finite_differences(card):
+    """A real equivariant Potential (random weights, float64) in a 20-step NVE rollout of ethanol:
+    jax.grad of the mean potential energy w.r.t. model parameters and initial positions vs central
+    finite differences (through integrator, neighbor list updates and the remat'ed chunks)."""
+    from ase.build import molecule
+
+    from jaxbench.graph import graph_from_atoms
+    from jaxbench.potential import Potential, cast_params
+    from jaxbench.stats import DatasetStatistics
+
+    atoms = molecule("CH3CH2OH")
+    stats = DatasetStatistics(species=(1, 6, 8), atomic_energies={1: -13.6, 6: -1029.0, 8: -2041.0},
+                              energy_per_atom_mean=0.0, energy_per_atom_std=1.0, force_rms=0.5, avg_num_neighbors=8.0,
+                              cutoff=5.0, n_frames=1)
+    pot = Potential.from_card(card, stats)
+    params = cast_params(pot.init(jax.random.PRNGKey(1), graph_from_atoms(atoms, 5.0)), jnp.float64)
+    p = md.Protocol(ensemble="nve", temperature_K=300.0, timestep_fs=0.5, steps=20, save_every=10, chunk_steps=10)
+    roll = md.make_rollout(pot, atoms.numbers, None, False, p, atoms.positions, chunk_steps=10)
+    v0 = np.random.default_rng(0).normal(scale=5e-3, size=atoms.positions.shape)  # Å/fs, ~300 K for H
+    v0 = jnp.asarray(v0 - v0.mean(0))
+
+    def loss_aux(params, x):
+        out = roll(params, x, v0)
+        return jnp.mean(out["potential_energy"]), out
+
+    loss = jax.jit(lambda pp, x: loss_aux(pp, x)[0])
+    x = jnp.asarray(atoms.positions)
+    (g_p, g_x), out = jax.jit(jax.grad(loss_aux, argnums=(0, 1), has_aux=True))(params, x)
+    assert not bool(out["did_overflow"])
+    # the rollout moved: positions changed by more than the finite-difference step by far
+    assert float(jnp.abs(out["positions"][-1] - x).max()) > 1e-3
+    leaves, treedef = jax.tree.flatten(params)
+    g_leaves = jax.tree.leaves(g_p)
+    checked = 0
+    for li in np.argsort([-np.abs(np.asarray(g)).max() for g in g_leaves])[:3]:  # leaves with real gradient
+        flat_idx = int(np.argmax(np.abs(np.asarray(g_leaves[li])).ravel()))
+        h = 1e-5 * max(1.0, float(np.abs(np.asarray(leaves[li]).ravel()[flat_idx])))
+
+        def shifted(d, li=li, flat_idx=flat_idx):
+            new = list(leaves)
+            new[li] = leaves[li].ravel().at[flat_idx].add(d).reshape(leaves[li].shape)
+            return jax.tree.unflatten(treedef, new)
+
+        fd = (loss(shifted(h), x) - loss(shifted(-h), x)) / (2 * h)
+        np.testing.assert_allclose(float(g_leaves[li].ravel()[flat_idx]), float(fd), rtol=1e-5)
+        checked += 1
+    assert checked == 3
+    for i, c in ((0, 0), (2, 1), (8, 2)):
+        h = 1e-5
+        e = jnp.zeros_like(x).at[i, c].set(h)
+        fd = (loss(params, x + e) - loss(params, x - e)) / (2 * h)
+        np.testing.assert_allclose(float(g_x[i, c]), float(fd), rtol=1e-5, atol=1e-8)
+    assert float(jnp.abs(g_x).max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_float32_model_with_float64_integration_is_safe():
+    """Model evaluation in float32 (params cast to float32: Potential evaluates in the params' dtype)
+    with float64 integration: the trajectory stays within 1e-3 Å of the float64 one over 40 steps
+    (forces are fine), and potential / conserved energies agree to float32 resolution of the TOTAL
+    energy. With atomic reference energies of -1000s of eV that resolution is ~1e-3 eV for ethanol:
+    too coarse for energy-violation metrics (EV ~ 1e-5 relative), so keep float64 for those runs; it
+    is what md_throughput --dtype float32 trades for speed."""
+    from ase.build import molecule
+
+    from jaxbench.graph import graph_from_atoms
+    from jaxbench.potential import Potential, cast_params
+    from jaxbench.stats import DatasetStatistics
+
+    atoms = molecule("CH3CH2OH")
+    stats = DatasetStatistics(species=(1, 6, 8), atomic_energies={1: -13.6, 6: -1029.0, 8: -2041.0},
+                              energy_per_atom_mean=0.0, energy_per_atom_std=1.0, force_rms=0.05, avg_num_neighbors=8.0,
+                              cutoff=5.0, n_frames=1)
+    pot = Potential.from_card("mace-small", stats)
+    p32 = pot.init(jax.random.PRNGKey(0), graph_from_atoms(atoms, 5.0), dtype=jnp.float32)
+    p64 = cast_params(p32, jnp.float64)  # the same weights
+    st = md.Start.make(atoms.positions, atoms.numbers, None, False)
+    # random weights: no real bonds, so the bond-stretch criterion is off (bond_factor 0)
+    p = md.Protocol(ensemble="nve", temperature_K=300, timestep_fs=0.5, steps=40, save_every=5, chunk_steps=40, bond_factor=0.0)
+    res64 = md.simulate(pot, st, p, params=p64, seed=0, progress=False)
+    res32 = md.simulate(pot, st, p, params=p32, seed=0, progress=False)
+    r64, r32 = res64.arrays, res32.arrays
+    assert not res64.failed.any() and not res32.failed.any()
+    assert r32["position"].dtype == np.float64  # integration state stays float64
+    assert np.abs(r32["position"] - r64["position"]).max() < 1e-3
+    assert np.abs(r64["position"][0, -1] - r64["position"][0, 0]).max() > 1e-2  # it moved
+    e32, e64 = r32["conserved_energy"][0], r64["conserved_energy"][0]
+    resolution = np.finfo(np.float32).eps * np.abs(e64).max()  # ~5e-4 eV at -4180 eV
+    assert np.abs(e32 - e64).max() < 8 * resolution
+    assert np.ptp(e64) < 1e-4  # float64 conserves far below the float32 resolution
