@@ -482,29 +482,10 @@ def _training_finished(run_dir: Path) -> bool:
 
 def _oracle_on_frames(oracle, traj):
     """Oracle energies [R, T] and forces [R, T, N, 3] on the saved model frames."""
-    import jax
+    from .oracle import evaluate_frames
 
-    from . import md
-    from .frames import Frames
-    from .graph import graph_from_frames
-
-    model = md.as_energy_model(oracle)
-    pos = np.asarray(traj["position"])
-    R, T, N, _ = pos.shape
-    species, cell, pbc = np.asarray(traj["species"]), np.asarray(traj["cell"]), np.asarray(traj["pbc"])
-
-    @jax.jit
-    def energy_forces(p, g):
-        e, grad = jax.value_and_grad(lambda x: model.fn(p, g.replace(positions=x)))(g.positions)
-        return e, -grad
-
-    energies, forces = np.zeros((R, T)), np.zeros((R, T, N, 3))
-    for r in range(R):
-        for t in range(T):
-            fr = Frames.from_arrays(pos[r, t][None], species, cell=cell if pbc.any() else None, pbc=pbc)
-            e, f = energy_forces(model.params, graph_from_frames(fr, model.cutoff))
-            energies[r, t], forces[r, t] = float(e), np.asarray(f)[:N]
-    return energies, forces
+    ref = evaluate_frames(oracle, traj)
+    return np.asarray(ref["energy"]), np.asarray(ref["forces"])
 
 
 def _violations_vs_split(dataset, ordered, start, proto, e_model, f_model, fail_frames, data_dir):
