@@ -185,8 +185,9 @@ def _rdf_stability(arrays, traj, settings, dt_frame_fs, failure_frames):
             continue
         t = int(M.stability_rdf(gf[:n_ok], arrays["g_ref"], settings.dr, window, settings.rdf_stability_threshold))
         first.append(min(t, n_ok))
+    total_fs = (T - 1) * dt_frame_fs
     return {"criterion": f"FaNE eq. 8: window {settings.rdf_stability_window_fs:g} fs, Delta {settings.rdf_stability_threshold}",
-            "first_unstable_frame": first, "stable_time_fs": [f * dt_frame_fs for f in first]}
+            "first_unstable_frame": first, "stable_time_fs": [min(f * dt_frame_fs, total_fs) for f in first]}
 
 
 def _violations(e_model, f_model, e_ref, f_ref, n_valid, source: str) -> dict[str, Any]:
@@ -438,6 +439,8 @@ def bench(
         if ref_traj is not None:
             dyn["reference_diffusivity_cm2_s"] = _diffusivity(ref_traj, np.full(len(ref_traj["position"]), n_saved),
                                                               dt_frame, settings, species)
+        elif spec_observables(spec).get("diffusivity_cm2_s"):
+            dyn["reference_diffusivity_cm2_s"] = spec_observables(spec)["diffusivity_cm2_s"]
         else:
             dyn["reference_diffusivity_cm2_s"] = na("the reference frames are not a trajectory (no oracle; "
                                                     "LiPS frames are shuffled)" if not ordered else
@@ -473,6 +476,13 @@ def _start(frames, proto, ordered):
     f0 = frames.frame(idx[0])
     pos = np.stack([frames.frame(i)["positions"] for i in idx])
     return dc.replace(md.Start.make(pos, f0["numbers"], f0["cell"], f0["pbc"]), frame_indices=tuple(idx))
+
+
+def spec_observables(spec) -> dict:
+    """Published reference observables from the dataset card (`observables:`), e.g. LiPS's Li diffusivity."""
+    from .cards import read_card
+
+    return read_card(spec.card_path).get("observables") or {}
 
 
 def _training_finished(run_dir: Path) -> bool:

@@ -170,7 +170,7 @@ def write_bench_report(out, r: dict) -> Path:
     if dyn and not dyn.get("not_applicable"):
         for el, s in dyn["diffusivity_cm2_s"].items():
             ref = dyn.get("reference_diffusivity_cm2_s") or {}
-            ref_s = _ms(ref.get(el)) if isinstance(ref, dict) and el in ref else _reason(ref)
+            ref_s = _ms(ref.get(el)) if isinstance(ref, dict) and el in ref else (_reason(ref) or "none published")
             lines.append(f"Diffusivity {el}: {_ms(s)} cm²/s (reference: {ref_s}).")
     oom = r.get("oracle_on_model_frames")
     if oom:

@@ -172,7 +172,7 @@ def test_convolution_equals_e3nn_tensor_product(irreps_in, target):
     np.testing.assert_allclose(np.asarray(out.array), np.concatenate(ref, 1), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["mace", "botnet"])
+@pytest.mark.parametrize("arch", [pytest.param("mace", marks=pytest.mark.slow), "botnet"])  # full mace card: 100 s
 def test_force_loss_gradient_matches_finite_differences(arch):
     """Training differentiates forces w.r.t. parameters (second order through the model)."""
     hp = {"r_max": 5.0, "hidden_irreps": "3x0e+3x1o", "max_ell": 2, "num_interactions": 2, "radial_mlp": [8]}
