@@ -176,13 +176,21 @@ class Protocol:
         return Protocol(**d)
 
 
-SIMS_DIR = Path(__file__).resolve().parents[1] / "sims"
+SIMS_DIR = Path(__file__).resolve().parents[1] / "sims"  # source-tree location; protocol_cards() searches the packaged cards
 
 
 def protocol_cards(directory=None) -> dict[str, Path]:
     """Protocol card files by name (``sims/<name>.yaml``)."""
-    d = Path(directory) if directory else SIMS_DIR
-    return {p.stem: p for p in sorted(d.glob("*.yaml"))}
+    if directory:
+        return {p.stem: p for p in sorted(Path(directory).glob("*.yaml"))}
+    from .cards import search_dirs
+
+    # the packaged cards (installed or source tree), then users' card folders ($JAXBENCH_CARDS)
+    out: dict[str, Path] = {}
+    for d in search_dirs("sims"):
+        for p in sorted(d.glob("*.yaml")):
+            out.setdefault(p.stem, p)
+    return out
 
 
 def load_protocol(name_or_path, dataset: str | None = None) -> Protocol:
