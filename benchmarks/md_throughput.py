@@ -195,6 +195,35 @@ def torch_worker(spec: dict) -> None:
     from mace.calculators import MACECalculator
 
     hp = spec["hyperparameters"]
+    all_threads = torch.get_num_threads()  # torch's default: one OpenMP thread per core
+
+    def tune_threads(calc, atoms) -> tuple[int, dict]:
+        """Thread count for this system: the faster of 1 and all cores, timed here on energy+forces calls.
+        With all cores on a machine that is also running other jobs (load above the core count) the OpenMP
+        workers spin-wait at every parallel region for a descheduled sibling and each call gets 5-10x slower
+        than with 1 thread (measured 2026-11-22, BENCHMARKS.md); on an idle machine more threads can win for the
+        larger systems. Choosing by timing is what a user tuning torch on the machine would do."""
+        probe = atoms.copy()
+        probe.calc = calc
+        for _ in range(5):  # warm-up: TorchScript profiling executor's first runs, e3nn codegen
+            calc.reset()
+            probe.get_forces()
+        options = sorted({1, all_threads})
+        times: dict[int, list[float]] = {n: [] for n in options}
+        for _ in range(2):  # alternate the settings: the machine's load drifts
+            for n in options:
+                torch.set_num_threads(n)
+                for _ in range(2):
+                    calc.reset()
+                    t = time.perf_counter()
+                    probe.get_forces()
+                    times[n].append(time.perf_counter() - t)
+        ms = {n: 1e3 * float(np.median(v)) for n, v in times.items()}
+        best = min(options, key=ms.__getitem__)
+        torch.set_num_threads(best)
+        calc.reset()
+        return best, ms
+
     out = []
     for system in spec["systems"]:
         numbers = system["numbers"]
@@ -212,6 +241,7 @@ def torch_worker(spec: dict) -> None:
         calc = MACECalculator(models=model, device="cpu", default_dtype="float64")
         atoms = ase.Atoms(numbers=numbers, positions=system["positions"], cell=system["cell"], pbc=system["pbc"])
         atoms.calc = calc
+        threads, call_ms = tune_threads(calc, atoms)
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
         MaxwellBoltzmannDistribution(atoms, temperature_K=system["temperature_K"], rng=np.random.default_rng(0))
@@ -225,8 +255,10 @@ def torch_worker(spec: dict) -> None:
                         steps=spec["steps"], run_s=wall, wall_s=wall, cpu_s=time.process_time() - c0,
                         atom_steps_s=len(numbers) * spec["steps"] / wall, rss_mb=rss_mb(),
                         params=int(sum(p.numel() for p in model.parameters())), dtype="float64",
-                        torch_threads=torch.get_num_threads(), finite=bool(np.all(np.isfinite(atoms.positions)))))
-        print(f"  mace-torch+ASE mace    {system['name']:13s} {out[-1]['atom_steps_s']:9.0f} atom-steps/s", file=sys.stderr, flush=True)
+                        torch_threads=threads, torch_call_ms_by_threads=call_ms, finite=bool(np.all(np.isfinite(atoms.positions)))))
+        print(f"  mace-torch+ASE mace    {system['name']:13s} {out[-1]['atom_steps_s']:9.0f} atom-steps/s "
+              f"({threads} torch threads; ms per energy+forces call by threads: "
+              + ", ".join(f"{n}: {v:.0f}" for n, v in call_ms.items()) + ")", file=sys.stderr, flush=True)
     print("JSON" + json.dumps(out))
 
 

@@ -115,6 +115,16 @@ def _positions_of_frames(frames) -> np.ndarray | None:
     return np.asarray(frames.positions).reshape(len(n), int(n[0]), 3)
 
 
+def _hist_frames(positions, cell, pbc, species, settings, periodic):
+    """Per-frame g(r) (periodic, all images) or h(r) (molecules) with the bench's bins."""
+    from . import metrics as M
+
+    r_max = settings.rdf_r_max or (RDF_R_MAX if periodic else HR_R_MAX)
+    if periodic:
+        return M.rdf_frames(positions, cell, pbc, species, r_max, settings.dr)
+    return M.distance_histogram_frames(positions, r_max, settings.dr)
+
+
 def _structure(traj, ref_positions, ref_cells, pbc, species, stable_frames, settings, periodic, dt_frame_fs):
     """g(r) (periodic, all images) or h(r) (molecules) of each replica's stable part vs the reference."""
     import jax.numpy as jnp
@@ -127,9 +137,7 @@ def _structure(traj, ref_positions, ref_cells, pbc, species, stable_frames, sett
     R, T = pos.shape[:2]
 
     def hist_frames(p, cell):
-        if periodic:
-            return M.rdf_frames(p, cell, pbc, species, r_max, dr)
-        return M.distance_histogram_frames(p, r_max, dr)
+        return _hist_frames(p, cell, pbc, species, settings, periodic)
 
     r, g_ref_frames = hist_frames(ref_positions, ref_cells)
     g_ref = np.asarray(jnp.mean(g_ref_frames, axis=0))
@@ -169,25 +177,23 @@ def _structure(traj, ref_positions, ref_cells, pbc, species, stable_frames, sett
     return out, arrays
 
 
-def _rdf_stability(arrays, traj, settings, dt_frame_fs, failure_frames):
+def _rdf_hook(start, ref_pos, ref_cells, proto, settings):
+    """FaNE eq. 8 as the MD engine's failure hook (windowed RDF deviation from the reference g(r)),
+    or ``(None, reason)`` when the run cannot hold one window."""
     from . import metrics as M
 
-    window = int(round(settings.rdf_stability_window_fs / dt_frame_fs))
-    T = np.asarray(traj["position"]).shape[1]
-    if window < 1 or window > T:
-        return na(f"the RDF criterion needs a {settings.rdf_stability_window_fs:g} fs window ({window} frames); "
-                  f"the trajectory has {T} frames")
-    first = []
-    for rep, gf in enumerate(arrays["g_model_frames"]):
-        n_ok = int(failure_frames[rep])
-        if n_ok < window:
-            first.append(n_ok)
-            continue
-        t = int(M.stability_rdf(gf[:n_ok], arrays["g_ref"], settings.dr, window, settings.rdf_stability_threshold))
-        first.append(min(t, n_ok))
-    total_fs = (T - 1) * dt_frame_fs
-    return {"criterion": f"FaNE eq. 8: window {settings.rdf_stability_window_fs:g} fs, Delta {settings.rdf_stability_threshold}",
-            "first_unstable_frame": first, "stable_time_fs": [min(f * dt_frame_fs, total_fs) for f in first]}
+    dt_frame = proto.timestep_fs * proto.save_every
+    window = int(round(settings.rdf_stability_window_fs / dt_frame))
+    n_frames = proto.steps // proto.save_every + 1
+    if window < 1 or window > n_frames:
+        return None, (f"the RDF criterion needs a {settings.rdf_stability_window_fs:g} fs window ({window} frames); "
+                      f"the run saves {n_frames} frames")
+    _, g_ref_frames = _hist_frames(ref_pos, ref_cells, start.pbc, start.numbers, settings, True)
+    g_ref = np.asarray(g_ref_frames).mean(0)
+    r_max = settings.rdf_r_max or RDF_R_MAX
+    hook = M.rdf_stability_hook(g_ref, start.cell, start.pbc, start.numbers, r_max, settings.dr, window,
+                                settings.rdf_stability_threshold)
+    return hook, window
 
 
 def _violations(e_model, f_model, e_ref, f_ref, n_valid, source: str) -> dict[str, Any]:
@@ -331,14 +337,40 @@ def bench(
     pot, params = runs.load_potential(run_dir, "best")
     frames = data.load(dataset, proto.frame_split, data_dir=data_dir)
     start = _start(frames, proto, spec.trajectory)
+    n_atoms = start.n_atoms
+    periodic = bool(np.any(start.pbc))
+    # the reference comes first: the RDF stability criterion runs inside the model's rollout
+    ref_traj = None
+    if oracle is not None:
+        ref = md.simulate(oracle, start, proto, seed=seed, out=out / "reference.h5", overwrite=True, progress=progress)
+        ref_traj = trajectory.read(ref.path)
+    if ref_traj is not None:
+        ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
+        ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
+        ref_name = f"oracle '{res['oracle']}' rollout, all replicas"
+    elif reference_split is not None:
+        test = data.load(dataset, reference_split, data_dir=data_dir)
+        ref_pos = _positions_of_frames(test)
+        ref_cells = np.asarray(test.cell) if ref_pos is not None else None
+        ref_name = f"dataset '{dataset}' split '{reference_split}'"
+        if ref_pos is not None and ref_pos.shape[1] != n_atoms:
+            ref_pos = None
+    else:
+        ref_pos, ref_name = None, None
+    hook, rdf_window = None, None
+    if periodic:
+        if ref_pos is None:
+            rdf_window = "no reference RDF: " + (f"the reference frames ({ref_name}) do not all have the simulated atoms"
+                                                  if ref_name else "no reference frames and no oracle")
+        else:
+            hook, rdf_window = _rdf_hook(start, ref_pos, ref_cells, proto, settings)
     sim = md.simulate(pot, start, proto, params=params, seed=seed, out=out / "trajectory.h5", overwrite=True,
-                      progress=progress)
+                      progress=progress, failure_fn=hook)
     traj = trajectory.read(sim.path)
     n_saved = len(traj["step"])
     dt_frame = proto.timestep_fs * proto.save_every
     fail_frames = np.where(sim.failure_step >= 0, np.ceil(sim.failure_step / proto.save_every).astype(int), n_saved)
     fail_frames = np.minimum(fail_frames, n_saved)
-    n_atoms = start.n_atoms
     timings = sim.timings
     steady = timings.get("chunks_s")
     steady_steps = sim.steps_done - proto.chunk_steps if steady else None
@@ -361,28 +393,34 @@ def bench(
     # ---- 4. metrics ----------------------------------------------------------------------------
     species = np.asarray(traj["species"])
     pbc = np.asarray(traj["pbc"])
-    periodic = bool(pbc.any())
-    ref_traj = None
-    if oracle is not None:
-        ref = md.simulate(oracle, start, proto, seed=seed, out=out / "reference.h5", overwrite=True, progress=progress)
-        ref_traj = trajectory.read(ref.path)
     ordered = spec.trajectory
+
+    # stability: MD failures (the RDF criterion is one of them for periodic systems)
+    rdf_failed = (np.asarray(sim.failure_reason) & 8) != 0 if hook is not None else np.zeros(len(fail_frames), bool)
+    stab = {"md_failures": res["simulation"]["failure_time_fs"],
+            "criterion_in_md": "NaN / temperature bounds" + ("" if periodic else
+                                                               f", bond length (> 0.5 Å, bonds at {proto.bond_factor} x covalent radii)")}
+    # EV / FV run to the MD failure, as EGraFFBench's; an RDF failure is dated at the start of its window
+    # but the frames up to the window's end are real dynamics
+    md_fail_frames = np.where(rdf_failed, np.minimum(fail_frames + (rdf_window if hook is not None else 0), n_saved),
+                              fail_frames)
+    if periodic:
+        if hook is None:
+            stab["rdf"] = na(rdf_window)
+        else:
+            stab["criterion_in_md"] += (f", RDF (FaNE eq. 8: {settings.rdf_stability_window_fs:g} fs window, "
+                                        f"Delta {settings.rdf_stability_threshold})")
+            stab["rdf"] = {"criterion": f"FaNE eq. 8: window {settings.rdf_stability_window_fs:g} fs ({rdf_window} frames), "
+                                        f"Delta {settings.rdf_stability_threshold}, evaluated inside the MD engine",
+                           "failed": [bool(x) for x in rdf_failed],
+                           "first_unstable_frame": [int(f) for f in fail_frames],
+                           "stable_time_fs": [min(float(f) * dt_frame, sim.steps_done * proto.timestep_fs) for f in fail_frames]}
+    total_fs = sim.steps_done * proto.timestep_fs
+    stab["stable_time_fs"] = _stats([min(float(f) * dt_frame, total_fs) for f in fail_frames])
+    stab["simulated_time_fs"] = total_fs
 
     # structure: reference = oracle rollout (pooled replicas) or the dataset's test frames
     structure_arrays = None
-    if ref_traj is not None:
-        ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
-        ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
-        ref_name = f"oracle '{res['oracle']}' rollout, all replicas"
-    elif reference_split is not None:
-        test = data.load(dataset, reference_split, data_dir=data_dir)
-        ref_pos = _positions_of_frames(test)
-        ref_cells = np.asarray(test.cell) if ref_pos is not None else None
-        ref_name = f"dataset '{dataset}' split '{reference_split}'"
-        if ref_pos is not None and ref_pos.shape[1] != n_atoms:
-            ref_pos = None
-    else:
-        ref_pos, ref_name = None, None
     if ref_name is None:
         res["structure"] = na(f"dataset '{dataset}' has no reference frames at {proto.temperature_K:g} K and no oracle "
                               "was given")
@@ -396,19 +434,6 @@ def bench(
         except ValueError as e:
             res["structure"] = na(str(e))
 
-    # stability
-    stab = {"md_failures": res["simulation"]["failure_time_fs"],
-            "criterion_in_md": "NaN / temperature bounds" + ("" if periodic else
-                                                               f", bond length (> 0.5 Å, bonds at {proto.bond_factor} x covalent radii)")}
-    md_fail_frames = fail_frames.copy()  # EV / FV run to the MD failure, as EGraFFBench's
-    if periodic:
-        stab["rdf"] = (_rdf_stability(structure_arrays, traj, settings, dt_frame, fail_frames) if structure_arrays
-                       else na("no reference RDF"))
-        if isinstance(stab["rdf"], dict) and "first_unstable_frame" in stab["rdf"]:
-            fail_frames = np.minimum(fail_frames, np.asarray(stab["rdf"]["first_unstable_frame"]))
-    total_fs = sim.steps_done * proto.timestep_fs
-    stab["stable_time_fs"] = _stats([min(float(f) * dt_frame, total_fs) for f in fail_frames])
-    stab["simulated_time_fs"] = total_fs
     res["stability"] = stab
 
     # EV / FV

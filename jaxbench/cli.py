@@ -177,6 +177,32 @@ def _load_model_for_simulate(spec: str):
     raise JaxbenchError(f"RUN '{spec}' is neither a run directory nor 'module:attr'")
 
 
+def _rdf_stability_hook(spec, protocol, start, args):
+    """FaNE eq. 8 in the MD engine, against the dataset's frames at the protocol's temperature."""
+    import numpy as np
+
+    from . import data
+    from .bench import BenchSettings, _positions_of_frames, _rdf_hook
+    from .errors import JaxbenchError
+    from .tasks import _reference_split
+
+    if not spec.periodic:
+        raise JaxbenchError(f"--rdf-stability: dataset '{spec.name}' is not periodic (molecules use the bond criterion, "
+                            "which is always on)")
+    split = _reference_split(spec.name, protocol)
+    if split is None:
+        raise JaxbenchError(f"--rdf-stability: dataset '{spec.name}' has no reference frames at {protocol.temperature_K:g} K")
+    ref = data.load(spec.name, split, data_dir=args.data_dir)
+    ref_pos = _positions_of_frames(ref)
+    if ref_pos is None or ref_pos.shape[1] != start.n_atoms:
+        raise JaxbenchError(f"--rdf-stability: the frames of '{spec.name}' split '{split}' do not all have the simulated atoms")
+    settings = BenchSettings(rdf_stability_window_fs=args.rdf_window_fs, rdf_stability_threshold=args.rdf_threshold)
+    hook, window = _rdf_hook(start, ref_pos, np.asarray(ref.cell), protocol, settings)
+    if hook is None:
+        raise JaxbenchError(f"--rdf-stability: {window}")
+    return hook
+
+
 def cmd_simulate(args) -> int:
     from pathlib import Path
 
@@ -211,13 +237,16 @@ def cmd_simulate(args) -> int:
     model = _load_model_for_simulate(args.run)
     frames = data.load(spec.name, protocol.frame_split, data_dir=args.data_dir)
     start = md.start_from_frames(frames, protocol.replicas, protocol.replica_init)
+    hook = None
+    if args.rdf_stability:
+        hook = _rdf_stability_hook(spec, protocol, start, args)
     print(
         f"simulate {model.name} on {spec.name}: {protocol.ensemble} {protocol.temperature_K} K, {protocol.timestep_fs} fs x "
         f"{protocol.steps} steps, {start.n_replicas} replicas of {start.n_atoms} atoms (frames {list(start.frame_indices)}) -> {traj}"
     )
     res = md.simulate(
         model, start, protocol, seed=args.seed, out=traj, overwrite=args.overwrite, progress=not args.quiet,
-        batch=args.batch, metadata=dict(run=str(args.run), dataset=spec.name),
+        batch=args.batch, metadata=dict(run=str(args.run), dataset=spec.name), failure_fn=hook,
     )
     summary = dict(
         dataset=spec.name, run=str(args.run), model=model.name, protocol=protocol.to_dict(), seed=args.seed,
@@ -277,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     psim.add_argument("--ensemble", choices=["nve", "nvt_langevin", "nvt_nose_hoover"], help="override the card's ensemble")
     psim.add_argument("--seed", type=int, default=0, help="velocity / noise seed (default 0)")
     psim.add_argument("--batch", choices=["map", "vmap", "vmap_select"], default="map", help="replica batching (default map: measured fastest)")
+    psim.add_argument("--rdf-stability", action="store_true",
+                      help="periodic systems: stop a replica whose RDF over a window deviates from the dataset's "
+                           "(FaNE eq. 8; the bond criterion for molecules is always on)")
+    psim.add_argument("--rdf-window-fs", type=float, default=1000.0, help="RDF criterion window in fs (default 1000)")
+    psim.add_argument("--rdf-threshold", type=float, default=1.0, help="RDF criterion Delta, integrated |g - g_ref| (default 1.0)")
     psim.add_argument("--out", help="output directory (trajectory.h5 + summary.json)")
     psim.add_argument("--overwrite", action="store_true", help="replace an existing trajectory")
     psim.add_argument("--quiet", action="store_true", help="no progress bar")

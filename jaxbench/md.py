@@ -19,9 +19,11 @@ updates a progress bar. Only one chunk of frames lives in memory unless arrays a
 Failures (per replica, inside the scan, every step): non-finite positions / momenta / forces,
 temperature outside [0.1, 1e5] K, for molecules (no periodic axis) a bond (pairs closer than 1.2 x
 the sum of covalent radii in the replica's first frame, see ``Protocol.bond_factor``) stretched by more than 0.5 Å; for any system a user
-``failure_fn(state) -> bool`` checked at every saved frame. A failed replica is frozen at its last
-good state (the failing step is discarded; a hook failure freezes the state it judged) and its
-``failure_step`` recorded; the others continue. Failures are results, never exceptions.
+criterion checked at every saved frame: ``failure_fn(state) -> bool``, or a :class:`FailureHook` with
+memory carried in the scan (e.g. :func:`jaxbench.metrics.rdf_stability_hook`, FaNE's windowed RDF
+criterion). A failed replica is frozen at its last good state (the failing step is discarded; a hook
+failure freezes the state it judged) and its ``failure_step`` recorded (a windowed criterion dates it
+at the start of its first bad window); the others continue. Failures are results, never exceptions.
 
 Differentiable rollouts: :func:`make_rollout` returns a pure function of (params, positions,
 velocities) whose chunks are ``jax.checkpoint``-ed, so ``jax.grad`` through long rollouts keeps only
@@ -34,7 +36,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -53,6 +55,7 @@ __all__ = [
     "Start",
     "start_from_frames",
     "MDResult",
+    "FailureHook",
     "simulate",
     "make_rollout",
     "load_protocol",
@@ -63,9 +66,36 @@ FS_PER_TIME_UNIT = 10.180505671156725  # sqrt(amu Å^2 / eV) in fs (= 1 / ase.un
 KB_EV_PER_K = 8.617333262e-5
 ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
 # failure_reason bit mask
-FAILURE_REASONS = {1: "non-finite", 2: "temperature", 4: "bond", 8: "hook"}
+FAILURE_REASONS = {1: "non-finite", 2: "temperature", 4: "bond", 8: "structural criterion (hook)"}
 T_MIN, T_MAX, BOND_STRETCH, MIN_DISTANCE = 0.1, 1e5, 0.5, 0.1
 MAX_TIMESTEP_FS = 5.0
+
+
+class FailureHook(NamedTuple):
+    """A per-replica failure criterion with memory, jax-md style ``(init, update)`` pair.
+
+    ``init(state) -> memory`` on the start state; ``update(memory, state) -> (memory, failed, onset)``
+    after every saved frame, where ``failed`` is a bool scalar and ``onset`` (int, may be traced) the
+    number of saved frames before this one at which the failure is dated: 0 for an instantaneous
+    criterion, ``window - 1`` for a windowed one whose failure time is the start of its first bad
+    window. ``memory`` is any pytree of arrays; it lives in the scan carry (one per replica), so keep it
+    small (a ring buffer of per-frame histograms is fine)."""
+
+    init: Callable
+    update: Callable
+
+
+def _as_hook(failure) -> FailureHook | None:
+    if failure is None or isinstance(failure, FailureHook):
+        return failure
+    if isinstance(failure, tuple) and len(failure) == 2 and all(callable(f) for f in failure):
+        return FailureHook(*failure)
+    if not callable(failure):
+        raise JaxbenchError(f"failure_fn must be a callable state -> bool or a FailureHook, got {type(failure).__name__}")
+    import jax.numpy as jnp
+
+    return FailureHook(init=lambda state: jnp.zeros((), jnp.int32),
+                       update=lambda mem, state: (mem, failure(state), 0))
 
 
 def describe_failure(reason: int) -> str:
@@ -495,7 +525,7 @@ class _Engine:
     cell: np.ndarray
     pbc: np.ndarray
     nl: Any  # NeighborListFns
-    failure_fn: Callable | None
+    hook: FailureHook | None
     batch: str  # 'map' | 'vmap'
 
     # -- physics -------------------------------------------------------------------------------
@@ -569,7 +599,7 @@ class _Engine:
             return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
         def step(c, _):
-            state, nbrs, reason, fstep, k = c
+            state, nbrs, reason, fstep, k, mem = c
 
             def advance(args):
                 state, nbrs = args
@@ -583,20 +613,27 @@ class _Engine:
 
             state, nbrs, bad = lax.cond(reason != 0, frozen, advance, (state, nbrs))
             fstep = jnp.where((reason == 0) & (bad != 0), k + 1, fstep)
-            return (state, nbrs, reason | bad, fstep, k + 1), None
+            return (state, nbrs, reason | bad, fstep, k + 1, mem), None
 
         def save(c, _):
             c, _ = lax.scan(step, c, None, length=every)
-            state, nbrs, reason, fstep, k = c
-            if self.failure_fn is not None:
-                hook = jnp.asarray(self.failure_fn(state), bool) & (reason == 0)
-                fstep = jnp.where(hook, k, fstep)
-                reason = reason | jnp.where(hook, 8, 0).astype(jnp.int32)
-                c = (state, nbrs, reason, fstep, k)
-            obs = self.observables(state, nbrs, params)
+            if self.hook is not None:
+                c = self.apply_hook(c, self.hook.update)
+            obs = self.observables(c[0], c[1], params)
             return c, obs
 
         return lax.scan(save, carry, None, length=n_save)
+
+    def apply_hook(self, c, update):
+        """The saved-frame criterion on carry ``c`` (one replica, or a batch with a vmapped ``update``)."""
+        import jax.numpy as jnp
+
+        state, nbrs, reason, fstep, k, mem = c
+        new_mem, failed, onset = update(mem, state)
+        hit = jnp.asarray(failed, bool) & (reason == 0)
+        fstep = jnp.where(hit, k - jnp.asarray(onset, jnp.int32) * int(self.protocol.save_every), fstep)
+        reason = reason | jnp.where(hit, 8, 0).astype(jnp.int32)
+        return state, nbrs, reason, fstep, k, new_mem
 
     # -- batched -------------------------------------------------------------------------------
     def run_chunk(self, params, carry, bonds, n_save: int):
@@ -629,7 +666,7 @@ class _Engine:
             return jax.tree.map(lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
         def step(c, _):
-            state, nbrs, reason, fstep, k = c
+            state, nbrs, reason, fstep, k, mem = c
             new = jax.vmap(lambda s, nb: apply_fn(s, neighbor=nb, params=params))(state, nbrs)
             need = jax.vmap(lambda x, nb: _needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
             new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: n, nbrs)
@@ -637,17 +674,13 @@ class _Engine:
             bad = jnp.where(reason != 0, 0, bad)
             keep = (reason != 0) | (bad != 0)
             fstep = jnp.where((reason == 0) & (bad != 0), k + 1, fstep)
-            return (where(keep, state, new), where(keep, nbrs, new_nbrs), reason | bad, fstep, k + 1), None
+            return (where(keep, state, new), where(keep, nbrs, new_nbrs), reason | bad, fstep, k + 1, mem), None
 
         def save(c, _):
             c, _ = lax.scan(step, c, None, length=every)
-            state, nbrs, reason, fstep, k = c
-            if self.failure_fn is not None:
-                hook = jax.vmap(lambda s: jnp.asarray(self.failure_fn(s), bool))(state) & (reason == 0)
-                fstep = jnp.where(hook, k, fstep)
-                reason = reason | jnp.where(hook, 8, 0).astype(jnp.int32)
-                c = (state, nbrs, reason, fstep, k)
-            obs = jax.vmap(lambda s, nb: self.observables(s, nb, params))(state, nbrs)
+            if self.hook is not None:
+                c = self.apply_hook(c, jax.vmap(self.hook.update))
+            obs = jax.vmap(lambda s, nb: self.observables(s, nb, params))(c[0], c[1])
             return c, obs
 
         c, obs = lax.scan(save, carry, None, length=n_save)
@@ -730,20 +763,22 @@ def _allocate_batch(cell, pbc, cutoff, skin, multiplier, positions, max_tries: i
 def _engine(protocol: Protocol, model: EnergyModel, start: Start, nl, failure_fn, batch):
     """The engine and its jitted functions, cached by everything that changes the compiled code."""
     import jax
+    import jax.numpy as jnp
 
     phys = dataclasses.replace(protocol, steps=1, replicas=1, chunk_steps=protocol.save_every, name="", reference="",
                                replica_init="velocities", frame_split="test")
     key = ("engine", phys, model.key, start.numbers.tobytes(), id(nl), id(failure_fn), batch)
 
     def make():
-        eng = _Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, failure_fn, batch)
+        eng = _Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, _as_hook(failure_fn), batch)
 
         def init_all(params, keys, positions, momenta, nbrs, bonds):
             state = eng.init(params, keys, positions, momenta, nbrs)
             # a start that already violates a criterion fails at step 0
             reason = jax.vmap(eng.check)(state, bonds)
             obs = jax.vmap(lambda s, nb: eng.observables(s, nb, params))(state, nbrs)
-            return state, reason, obs
+            mem = jax.vmap(eng.hook.init)(state) if eng.hook is not None else jnp.zeros(reason.shape, jnp.int32)
+            return state, reason, obs, mem
 
         # keep model / hook alive so their ids stay unique while cached
         return eng, {"init_all": jax.jit(init_all), "_keep": (model, failure_fn)}
@@ -822,7 +857,8 @@ def simulate(
       out: H5MD file to append to chunk by chunk (refused if it exists unless ``overwrite``).
       keep_arrays: also return the trajectory in memory (default: only when ``out`` is None).
       failure_fn: ``failure_fn(state) -> bool`` on a jax-md state (``state.position`` [N, 3] Å, ...),
-        checked at every saved frame.
+        checked at every saved frame, or a :class:`FailureHook` (a criterion with memory, e.g.
+        :func:`jaxbench.metrics.rdf_stability_hook`).
       batch: 'map' (``lax.map`` over replicas, default), 'vmap' (batched step with one outer
         neighbor-rebuild cond) or 'vmap_select' (plain vmap of the per-replica chunk).
       callback: called after every chunk with a dict (chunk, steps_done, failed, path).
@@ -855,8 +891,8 @@ def simulate(
     bonds = tuple(jnp.asarray(b) for b in _bonds(start, protocol.bond_factor))
     init_all = compiled["init_all"]
 
-    state, reason0, init_obs = init_all(params, keys, jnp.asarray(start.positions), momenta, nbrs, bonds)
-    carry = (state, nbrs, reason0, jnp.where(reason0 != 0, 0, -1).astype(jnp.int32), jnp.zeros(R, jnp.int32))
+    state, reason0, init_obs, mem = init_all(params, keys, jnp.asarray(start.positions), momenta, nbrs, bonds)
+    carry = (state, nbrs, reason0, jnp.where(reason0 != 0, 0, -1).astype(jnp.int32), jnp.zeros(R, jnp.int32), mem)
 
     writer = None
     if out is not None:

@@ -505,6 +505,43 @@ def stability_rdf(g_frames, g_ref, dr: float, window: int, threshold: float = 1.
     return jnp.where(jnp.any(bad), jnp.asarray(starts)[jnp.argmax(bad)], T)
 
 
+def rdf_stability_hook(g_ref, cell, pbc, species, r_max: float, dr: float, window: int, threshold: float = 1.0,
+                       pairs=None, n_images=None):
+    """FaNE eq. 8 as an MD failure criterion (:class:`jaxbench.md.FailureHook`), evaluated inside the
+    compiled rollout at every saved frame: a ring buffer of the last ``window`` per-frame RDFs lives in
+    each replica's scan carry; once it is full, the replica fails when the RDF MAE of the window's
+    average against ``g_ref`` exceeds ``threshold``. The failure is dated at the window's first frame,
+    so the engine's stability time equals :func:`stability_rdf` (stride 1) on the same saved frames.
+
+    Arguments as :func:`rdf_frames` / :func:`stability_rdf`; ``cell`` must be the (fixed) simulation
+    cell, ``window`` is in saved frames (FaNE: 1 ps), the initial frame counts as the first.
+    """
+    from .md import FailureHook
+
+    if window < 1:
+        raise ValueError(f"window must be at least one frame, got {window}")
+    g_ref = jnp.asarray(g_ref)
+
+    def frame_g(position):
+        _, g = rdf_frames(position[None], cell, pbc, species, r_max, dr, pairs=pairs, n_images=n_images)
+        return g[0].astype(g_ref.dtype)
+
+    def init(state):
+        g = frame_g(state.position)
+        buf = jnp.zeros((window,) + g.shape, g.dtype).at[0].set(g)
+        return buf, jnp.ones((), jnp.int32)
+
+    def update(mem, state):
+        buf, n = mem
+        buf = buf.at[n % window].set(frame_g(state.position))
+        n = n + 1
+        dev = rdf_mae(jnp.mean(buf, axis=0), g_ref, dr)
+        failed = (n >= window) & jnp.any(dev > threshold)
+        return (buf, n), failed, window - 1
+
+    return FailureHook(init, update)
+
+
 def covalent_bonds(positions, numbers, mult: float = 1.2) -> np.ndarray:
     """Bonds ``[B, 2]`` (``i < j``) with ``d_ij < mult (r_cov,i + r_cov,j)`` (ASE covalent radii) in
     one configuration ``[N, 3]`` — a relative tolerance, no additive neighbour-list skin.

@@ -16,7 +16,7 @@ is computed):
     energy_loss      per_atom | total (default: per_atom for `loss: weighted`, else total)
     loss_weights     {energy, forces, stress, virials}   (virials = stress * volume / atoms, as mace-torch)
     ema / ema_decay / ema_use_num_updates               (EMA on when ema_decay is given, unless ema: false)
-    scheduler        {name: reduce_on_plateau, factor, patience, min_lr, threshold}
+    scheduler        {name: reduce_on_plateau, factor, patience, min_lr, threshold, warmup_steps}
                    | {name: cosine, warmup_epochs | warmup_steps, min_lr} | {name: constant}
     swa              {enabled, learning_rate, loss_weights, start_epoch_fraction, use_average}: second phase with
                      new loss weights and a constant lr (mace-torch "stage two"); starts at the fraction of
@@ -207,7 +207,9 @@ class TrainingConfig:
             if not isinstance(patience, int) or patience < 0:
                 raise ConfigError(f"{sw}.patience: must be a non-negative integer, got {patience!r}")
             sched = dict(name=sname, factor=factor, patience=patience, min_lr=_num(sched, "min_lr", 0.0, nonneg=True, where=sw),
-                         threshold=_num(sched, "threshold", 1e-4, nonneg=True, where=sw))
+                         threshold=_num(sched, "threshold", 1e-4, nonneg=True, where=sw),
+                         # TorchMD-Net's lr_warmup_steps: lr x min(1, (step + 1) / warmup_steps) before the plateau logic
+                         warmup_steps=_num(sched, "warmup_steps", 0.0, nonneg=True, where=sw))
         elif sname == "cosine":
             sched = dict(name=sname, warmup_epochs=_num(sched, "warmup_epochs", 0.0, nonneg=True, where=sw),
                          warmup_steps=_num(sched, "warmup_steps", 0.0, nonneg=True, where=sw),
@@ -675,6 +677,8 @@ def train(
                 return cfg.learning_rate * (step + 1) / warm
             frac = min(1.0, (step - warm) / max(total - warm, 1))
             return sc["min_lr"] + 0.5 * (cfg.learning_rate - sc["min_lr"]) * (1 + math.cos(math.pi * frac))
+        if sc.get("warmup_steps") and step < sc["warmup_steps"]:
+            return host["lr"] * (step + 1) / sc["warmup_steps"]
         return host["lr"]
 
     def meta():
@@ -691,6 +695,7 @@ def train(
     bar = tqdm(total=total_steps, initial=host["step"], disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{card['name']} {dataset}")
     t_start = time.perf_counter() - host["elapsed_s"]
+    t_session, step0 = time.perf_counter(), host["step"]
     t_last_ckpt = time.perf_counter()
     stop_reason = None
 
@@ -739,6 +744,11 @@ def train(
                 host["elapsed_s"] = elapsed()
                 host["epoch_time_s"] = time.perf_counter() - t_epoch
                 bar.update(1)
+                if budget_s is not None:
+                    # the budget, not max_epochs, ends this run: size the bar (and its ETA) by it
+                    rate = (host["step"] - step0) / max(time.perf_counter() - t_session, 1e-9)
+                    est = host["step"] + int(rate * max(budget_s - elapsed(), 0.0))
+                    bar.total = min(est, total_steps) if total_steps else est
                 post = dict(ep=host["epoch"], loss=f"{loss:.4g}", lr=f"{lr:.2e}", ph=host["phase"])
                 if budget_s is not None:
                     post["left"] = f"{max(budget_s - elapsed(), 0) / 60:.1f}m"

@@ -195,11 +195,17 @@ def _attr(v):
     return v
 
 
-def read_info(path) -> dict[str, Any]:
-    """The ``/parameters/jaxbench`` attributes (JSON decoded), plus ``n_replicas`` and ``n_atoms``."""
+def _open_read(path):
+    """Open for reading without HDF5's file lock, so a running simulation's file (held open for writing)
+    can be read: readers only take the frames the writer has committed and flushed (``frames_committed``)."""
     import h5py
 
-    with h5py.File(path, "r") as f:
+    return h5py.File(path, "r", locking=False)
+
+
+def read_info(path) -> dict[str, Any]:
+    """The ``/parameters/jaxbench`` attributes (JSON decoded), plus ``n_replicas`` and ``n_atoms``."""
+    with _open_read(path) as f:
         info = {k: _attr(v) for k, v in f["parameters/jaxbench"].attrs.items()}
         groups = sorted(f["particles"].keys())
         info["n_replicas"] = len(groups)
@@ -214,11 +220,9 @@ def read(path, replicas=None) -> dict[str, Any]:
     ``potential_energy`` / ``kinetic_energy`` / ``conserved_energy`` / ``temperature`` [R, T],
     ``species`` [N], ``mass`` [N], ``cell`` [3, 3], ``pbc`` [3], ``info`` (see :func:`read_info`).
     """
-    import h5py
-
     info = read_info(path)
     n = int(info.get("frames_committed", 0))
-    with h5py.File(path, "r") as f:
+    with _open_read(path) as f:
         groups = sorted(f["particles"].keys())
         if replicas is not None:
             groups = [groups[r] for r in np.atleast_1d(replicas)]

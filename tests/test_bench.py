@@ -150,6 +150,34 @@ def test_model_against_itself_scores_zero(quickstart_run):
         np.testing.assert_allclose(d["mean"], dref["mean"], rtol=1e-8)
 
 
+def test_rdf_stability_runs_inside_the_md_engine(quickstart_run):
+    """bench hands FaNE's RDF criterion to the MD engine: with Delta = 0 every replica fails at its
+    first full window, is dated at the window's start (frame 0), is frozen from the judged frame on,
+    and its EV / FV still cover the frames it really simulated."""
+    from jaxbench import runs
+    from jaxbench.bench import BenchSettings, bench
+    from jaxbench.quickstart import DATASET, oracle, protocol
+    from jaxbench.trajectory import read
+
+    out, r = quickstart_run
+    p = protocol()
+    window = 4
+    settings = BenchSettings(rdf_stability_window_fs=window * p.save_every * p.timestep_fs, rdf_stability_threshold=0.0)
+    res = bench(None, DATASET, out / "rdf-hook", run=r["run_dir"], protocol=p, replicas=2, steps=100, oracle=oracle(),
+                settings=settings, progress=False, plots=False)
+    st = res["stability"]
+    assert "RDF" in st["criterion_in_md"] and "inside the MD engine" in st["rdf"]["criterion"]
+    assert st["rdf"]["failed"] == [True, True] and st["rdf"]["first_unstable_frame"] == [0, 0]
+    assert all("hook" in x for x in res["simulation"]["failure_reason"])
+    assert st["stable_time_fs"]["per_replica"] == [0.0, 0.0]
+    traj = read(out / "rdf-hook" / "trajectory.h5")
+    pos = np.asarray(traj["position"])
+    assert np.all(pos[:, window - 1:] == pos[:, window - 1: window])  # frozen at the judged frame
+    assert not np.all(pos[:, 1] == pos[:, 0])
+    assert res["violation"]["EV"]["per_replica"][0] is not None  # EV / FV over the frames before detection
+    runs.read_run(r["run_dir"])
+
+
 def test_report_tables_put_paper_values_beside_ours(quickstart_run, tmp_path):
     out, r = quickstart_run
     fake = dict(r, dataset="md17-ethanol", architecture="nequip", model="nequip")

@@ -246,6 +246,46 @@ def test_bond_criterion_for_molecules_and_failure_hook():
     assert np.all(res.arrays["position"][0, res.arrays["step"] >= res.failure_step[0]] == res.arrays["position"][0, -1])
 
 
+def test_rdf_stability_hook_in_engine_matches_post_hoc():
+    """FaNE's windowed RDF criterion inside the compiled rollout (metrics.rdf_stability_hook) dates
+    each replica's failure at the same frame as metrics.stability_rdf on the saved frames, freezes it
+    there, and leaves a replica that stays below the threshold running."""
+    from jaxbench import metrics as M
+
+    st = argon(2, replicas=2, jitter=0.05)
+    p = proto(ensemble="nvt_nose_hoover", temperature_K=250.0, timestep_fs=5.0, steps=600, chunk_steps=100, save_every=5)
+    r_max, dr, window = 5.0, 0.1, 10
+    free = md.simulate(LJ, st, p, seed=3, progress=False)
+    cell = st.cell
+    _, g_ref = M.rdf(free.arrays["position"][0, :3], cell, True, st.numbers, r_max, dr)
+    g_frames = [np.asarray(M.rdf_frames(free.arrays["position"][k], cell, True, st.numbers, r_max, dr)[1]) for k in range(2)]
+    T = g_frames[0].shape[0]
+    c = [np.concatenate([np.zeros_like(g[:1]), np.cumsum(g, 0)]) for g in g_frames]
+    devs = [np.asarray(M.rdf_mae((ck[window:] - ck[:-window]) / window, g_ref, dr)) for ck in c]
+    # a threshold that replica 0 first exceeds mid-run and replica 1 never does (if its devs allow)
+    threshold = float(np.max(devs[0][: len(devs[0]) // 3])) + 1e-9
+    assert np.any(devs[0] > threshold)
+    expect = [int(M.stability_rdf(g, g_ref, dr, window, threshold)) for g in g_frames]
+    assert 0 < expect[0] < T - window
+
+    hook = M.rdf_stability_hook(g_ref, cell, True, st.numbers, r_max, dr, window, threshold)
+    for batch in ("map", "vmap"):
+        res = md.simulate(LJ, st, p, seed=3, failure_fn=hook, progress=False, batch=batch)
+        for k in range(2):
+            if expect[k] >= T - window + 1:
+                assert not res.failed[k]
+                continue
+            assert res.failed[k] and res.failure_reason[k] == 8, (batch, k, md.describe_failure(res.failure_reason[k]))
+            assert res.failure_step[k] == expect[k] * p.save_every, (batch, k, res.failure_step[k], expect[k])
+            detect = expect[k] + window - 1  # frame at which the window ending there was judged
+            pos = res.arrays["position"][k]
+            np.testing.assert_allclose(pos[: detect + 1], free.arrays["position"][k, : detect + 1], atol=1e-8)
+            assert np.all(pos[detect:] == pos[detect])  # frozen at the judged state
+            # the post hoc criterion on the hooked run's own frames agrees
+            gk = np.asarray(M.rdf_frames(pos[: detect + 1], cell, True, st.numbers, r_max, dr)[1])
+            assert int(M.stability_rdf(gk, g_ref, dr, window, threshold)) == expect[k]
+
+
 # ------------------------------------------------------------------------------------------ gradients
 
 
@@ -397,6 +437,28 @@ def test_cli_simulate(data_root, tmp_path, capsys):
     assert "temperature must be > 0" in capsys.readouterr().err
     assert main(argv + ["--overwrite", "--timestep", "7"]) == 2
     assert "timestep" in capsys.readouterr().err
+
+
+def test_cli_simulate_rdf_stability(data_root, tmp_path, capsys):
+    """`--rdf-stability` puts FaNE's RDF criterion (reference: LiPS's test frames) into the engine: with
+    Delta = 0 both replicas fail at their first full window, dated at its start."""
+    import json
+
+    from jaxbench.cli import main
+
+    out = tmp_path / "sim"
+    argv = ["simulate", "jaxbench.md:morse", "--dataset", "lips", "--steps", "40", "--replicas", "2", "--out", str(out),
+            "--quiet", "--rdf-stability", "--rdf-window-fs", "20", "--rdf-threshold", "0"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == [True, True] and summary["failure_step"] == [0, 0]
+    assert all("structural" in r for r in summary["failure_reason"])
+    capsys.readouterr()
+    assert main(argv[:-4] + ["--overwrite", "--rdf-window-fs", "1000"]) == 2  # 1 ps window, 40 fs run
+    assert "window" in capsys.readouterr().err
+    argv_mol = ["simulate", "jaxbench.md:morse", "--dataset", "md17-ethanol", "--steps", "20", "--out", str(tmp_path / "m"),
+                "--quiet", "--rdf-stability"]
+    assert main(argv_mol) == 2 and "not periodic" in capsys.readouterr().err
 
 
 def _fake_run(tmp_path, species, init_atoms=None):

@@ -422,3 +422,25 @@ def test_swa_average_by_hand_resume_exact_and_used_for_validation(tmp_path):
     np.testing.assert_array_equal(flat(b["swa_params"]), flat(a["swa_params"]))
     _, params_off = runs.load_potential(off, "last")
     np.testing.assert_array_equal(flat(params_off), flat(b["ema_params"]))
+
+
+@requires_data
+def test_plateau_schedule_warmup_scales_the_first_steps(tmp_path):
+    """TorchMD-Net's lr warm-up (``warmup_steps`` of reduce_on_plateau): lr x (step + 1) / warmup_steps.
+    Adam's first update is lr x sign(gradient), so one step with warm-up 4 vs none from the same start
+    differs by exactly 0.75 lr on every parameter with a gradient."""
+    lr = 0.005
+    kw = dict(KW, n_train=2, checkpoint_every=None)
+    sched = dict(name="reduce_on_plateau", factor=0.8, patience=5)
+    got = {}
+    for warm in (0, 4):
+        card = tiny_card(learning_rate=lr, scheduler=dict(sched, warmup_steps=warm), weight_decay=0.0)
+        out = tmp_path / f"w{warm}"
+        train(model=card, max_epochs=1, out=out, budget=None, **kw)
+        got[warm] = flat(runs.load_checkpoint(runs.checkpoint_dir(out, "last"))["params"])
+        log = [r for r in runs.read_log(out) if r.get("event") == "epoch"]
+        assert log[-1]["lr"] == pytest.approx(lr * (2 / warm if warm else 1.0))  # lr at step 1 (the next one)
+    d = np.abs(got[0] - got[4]) / lr
+    moved = d[d > 0.1]
+    assert len(moved) > 0.5 * len(d)
+    np.testing.assert_allclose(np.median(moved), 0.75, rtol=1e-3)

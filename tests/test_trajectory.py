@@ -39,6 +39,11 @@ def test_writer_layout_roundtrip_and_extxyz(tmp_path):
         obs = {k: rng.normal(size=(R, 4)) for k in trajectory.OBSERVABLES}
         w.append(steps, part, obs)
         chunks.append((steps, part, obs))
+        if c == 0:  # another process reads the committed frames while the writer holds the file open
+            w.flush()
+            code = f"from jaxbench import trajectory; print(len(trajectory.read({str(path)!r})['step']))"
+            live = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            assert live.returncode == 0 and live.stdout.strip() == "4", live.stderr
     w.set_status([False, True], [-1, 75], [0, 2])
     w.close()
     with pytest.raises(JaxbenchError, match="exists"):

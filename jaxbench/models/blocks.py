@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,3 +53,25 @@ class BesselBasis(nn.Module):
 
 def masked_sum_to_graphs(node_values: jax.Array, node_graph: jax.Array, node_mask: jax.Array, num_graphs: int):
     return jax.ops.segment_sum(jnp.where(node_mask, node_values, 0.0), node_graph, num_segments=num_graphs)
+
+
+def sh_cg_blocks(ir_in, irreps_sh, allowed):
+    """Clebsch–Gordan blocks of one input irrep times every spherical-harmonic irrep, for the outputs in
+    ``allowed``, in e3nn's instruction order (SH outermost, then ``ir_in * ir_sh``).
+
+    Returns ``(blocks, outs)``: ``blocks[q]`` is ``[d_sh, ir_in.dim, ir_out.dim]`` (the CG coefficients
+    placed at SH ``j``'s rows, zero elsewhere; e3nn-jax coefficients times sqrt(2 l_out + 1), e3nn's
+    "component" normalisation) and ``outs[q]`` its output irrep. Contracting ``sh [E, d_sh]`` and
+    ``x [E, ir_in.dim]`` with a block gives that path's output without slicing the SH per path."""
+    irreps_sh = e3nn.Irreps(irreps_sh)
+    sh_off = np.cumsum([0] + [ir.dim for _, ir in irreps_sh])
+    blocks, outs = [], []
+    for j, (_, ir_sh) in enumerate(irreps_sh):
+        for ir_out in ir_in * ir_sh:
+            if ir_out in allowed:
+                cg = e3nn.clebsch_gordan(ir_in.l, ir_sh.l, ir_out.l) * math.sqrt(ir_out.dim)  # [a, b, c]
+                block = np.zeros((int(sh_off[-1]), ir_in.dim, ir_out.dim))
+                block[sh_off[j] : sh_off[j + 1]] = np.transpose(cg, (1, 0, 2))
+                blocks.append(block)
+                outs.append(ir_out)
+    return blocks, outs

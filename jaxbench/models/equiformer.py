@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import register
-from .blocks import safe_norm
+from .blocks import safe_norm, sh_cg_blocks
 
 # ---------------------------------------------------------------------------------------------
 # Activations normalised to unit second moment under N(0, 1) (e3nn `normalize2mom`)
@@ -230,19 +230,10 @@ def _dtp_plan(irreps_in: str, irreps_sh: str, irreps_out: str):
       irreps_tp_out: the sorted output irreps, simplified (what the following LinearRS reads)."""
     irreps_in, irreps_sh, irreps_out = e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_sh), e3nn.Irreps(irreps_out)
     allowed = {ir for _, ir in irreps_out} | {e3nn.Irrep("0e")}
-    sh_off = np.cumsum([0] + [ir.dim for _, ir in irreps_sh])
     chunks, raw, w_off = [], [], 0
     for i, (mul, ir_in) in enumerate(irreps_in):
-        blocks, outs = [], []
-        for j, (_, ir_sh) in enumerate(irreps_sh):
-            for ir_out in ir_in * ir_sh:
-                if ir_out in allowed:
-                    cg = e3nn.clebsch_gordan(ir_in.l, ir_sh.l, ir_out.l) * math.sqrt(ir_out.dim)  # [a, b, c]
-                    block = np.zeros((int(sh_off[-1]), ir_in.dim, ir_out.dim))
-                    block[sh_off[j] : sh_off[j + 1]] = np.transpose(cg, (1, 0, 2))
-                    blocks.append(block)
-                    outs.append(ir_out)
-                    raw.append((mul, ir_out))
+        blocks, outs = sh_cg_blocks(ir_in, irreps_sh, allowed)
+        raw += [(mul, ir_out) for ir_out in outs]
         if outs:
             k_tot = sum(ir.dim for ir in outs)
             expand = np.zeros((len(outs), k_tot))

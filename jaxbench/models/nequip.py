@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import register
-from .blocks import BesselBasis, polynomial_cutoff
+from .blocks import BesselBasis, polynomial_cutoff, sh_cg_blocks
 
 # ---------------------------------------------------------------------------------------------
 # Activations, normalised to unit second moment under N(0, 1) as e3nn's `normalize2mom`
@@ -176,20 +176,11 @@ def _uvu_plan(irreps_in: str, irreps_sh: str, irreps_out: str):
         instruction order: the layout of nequip's sorted `irreps_mid` (what linear_2 reads)."""
     irreps_in, irreps_sh, irreps_out = e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_sh), e3nn.Irreps(irreps_out)
     allowed = [ir for _, ir in irreps_out]
-    sh_off = np.cumsum([0] + [ir.dim for _, ir in irreps_sh])
     muls = {mul for mul, _ in irreps_in}
     assert len(muls) == 1, "nequip node features share one multiplicity"
     chunks, paths, x_off, k0 = [], [], 0, 0  # paths: (ir_out, first component in the concatenation)
     for mul, ir_in in irreps_in:
-        blocks, outs = [], []
-        for j, (_, ir_sh) in enumerate(irreps_sh):
-            for ir_out in ir_in * ir_sh:
-                if ir_out in allowed:
-                    cg = e3nn.clebsch_gordan(ir_in.l, ir_sh.l, ir_out.l) * math.sqrt(ir_out.dim)  # [a, b, c]
-                    block = np.zeros((int(sh_off[-1]), ir_in.dim, ir_out.dim))
-                    block[sh_off[j] : sh_off[j + 1]] = np.transpose(cg, (1, 0, 2))
-                    blocks.append(block)
-                    outs.append(ir_out)
+        blocks, outs = sh_cg_blocks(ir_in, irreps_sh, allowed)
         if outs:
             k_i = sum(ir.dim for ir in outs)
             expand = np.zeros((len(outs), k_i))
