@@ -115,6 +115,18 @@ def _positions_of_frames(frames) -> np.ndarray | None:
     return np.asarray(frames.positions).reshape(len(n), int(n[0]), 3)
 
 
+def _split_reference(dataset, split, n_atoms, data_dir=None):
+    """Reference frames from a dataset split: ``(positions [T, N, 3], cells [T, 3, 3])``, or
+    ``(None, None)`` when the split's frames do not all have the ``n_atoms`` simulated atoms."""
+    from . import data
+
+    frames = data.load(dataset, split, data_dir=data_dir)
+    pos = _positions_of_frames(frames)
+    if pos is None or pos.shape[1] != n_atoms:
+        return None, None
+    return pos, np.asarray(frames.cell)
+
+
 def _hist_frames(positions, cell, pbc, species, settings, periodic):
     """Per-frame g(r) (periodic, all images) or h(r) (molecules) with the bench's bins."""
     from . import metrics as M
@@ -349,12 +361,8 @@ def bench(
         ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
         ref_name = f"oracle '{res['oracle']}' rollout, all replicas"
     elif reference_split is not None:
-        test = data.load(dataset, reference_split, data_dir=data_dir)
-        ref_pos = _positions_of_frames(test)
-        ref_cells = np.asarray(test.cell) if ref_pos is not None else None
+        ref_pos, ref_cells = _split_reference(dataset, reference_split, n_atoms, data_dir)
         ref_name = f"dataset '{dataset}' split '{reference_split}'"
-        if ref_pos is not None and ref_pos.shape[1] != n_atoms:
-            ref_pos = None
     else:
         ref_pos, ref_name = None, None
     hook, rdf_window = None, None

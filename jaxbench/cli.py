@@ -179,10 +179,7 @@ def _load_model_for_simulate(spec: str):
 
 def _rdf_stability_hook(spec, protocol, start, args):
     """FaNE eq. 8 in the MD engine, against the dataset's frames at the protocol's temperature."""
-    import numpy as np
-
-    from . import data
-    from .bench import BenchSettings, _positions_of_frames, _rdf_hook
+    from .bench import BenchSettings, _rdf_hook, _split_reference
     from .errors import JaxbenchError
     from .tasks import _reference_split
 
@@ -192,12 +189,11 @@ def _rdf_stability_hook(spec, protocol, start, args):
     split = _reference_split(spec.name, protocol)
     if split is None:
         raise JaxbenchError(f"--rdf-stability: dataset '{spec.name}' has no reference frames at {protocol.temperature_K:g} K")
-    ref = data.load(spec.name, split, data_dir=args.data_dir)
-    ref_pos = _positions_of_frames(ref)
-    if ref_pos is None or ref_pos.shape[1] != start.n_atoms:
+    ref_pos, ref_cells = _split_reference(spec.name, split, start.n_atoms, args.data_dir)
+    if ref_pos is None:
         raise JaxbenchError(f"--rdf-stability: the frames of '{spec.name}' split '{split}' do not all have the simulated atoms")
     settings = BenchSettings(rdf_stability_window_fs=args.rdf_window_fs, rdf_stability_threshold=args.rdf_threshold)
-    hook, window = _rdf_hook(start, ref_pos, np.asarray(ref.cell), protocol, settings)
+    hook, window = _rdf_hook(start, ref_pos, ref_cells, protocol, settings)
     if hook is None:
         raise JaxbenchError(f"--rdf-stability: {window}")
     return hook

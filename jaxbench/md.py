@@ -88,8 +88,6 @@ class FailureHook(NamedTuple):
 def _as_hook(failure) -> FailureHook | None:
     if failure is None or isinstance(failure, FailureHook):
         return failure
-    if isinstance(failure, tuple) and len(failure) == 2 and all(callable(f) for f in failure):
-        return FailureHook(*failure)
     if not callable(failure):
         raise JaxbenchError(f"failure_fn must be a callable state -> bool or a FailureHook, got {type(failure).__name__}")
     import jax.numpy as jnp
@@ -875,6 +873,7 @@ def simulate(
     if out is not None and out.exists() and not overwrite:
         raise JaxbenchError(f"output {out} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
     _check_start(start, model)
+    _as_hook(failure_fn)  # a wrong kind of criterion is named before any compute
     keep_arrays = out is None if keep_arrays is None else keep_arrays
     R, N = start.n_replicas, start.n_atoms
     t0 = time.perf_counter()

@@ -244,6 +244,8 @@ def test_bond_criterion_for_molecules_and_failure_hook():
     assert res.failed[0] and res.failure_reason[0] == 8
     assert res.failure_step[0] % 10 == 0  # hooks run at saved frames
     assert np.all(res.arrays["position"][0, res.arrays["step"] >= res.failure_step[0]] == res.arrays["position"][0, -1])
+    with pytest.raises(JaxbenchError, match="failure_fn must be"):
+        md.simulate(LJ, st, proto(steps=300, chunk_steps=100), failure_fn=0.3, progress=False)
 
 
 def test_rdf_stability_hook_in_engine_matches_post_hoc():
