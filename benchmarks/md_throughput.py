@@ -151,7 +151,8 @@ def jaxbench_rows(system: dict, model_name: str, args, peak: dict) -> list[dict]
         cpu = time.process_time() - c1
         run_s = res.timings["first_chunk_s"] + res.timings["chunks_s"]
         # FLOPs of one energy+forces call of this model on this system (XLA cost analysis)
-        nl = md_neighbor_list(cell, pbc, r_max, skin=p.skin, capacity_multiplier=p.capacity_multiplier)
+        nl = md_neighbor_list(cell, pbc, r_max, skin=p.skin, capacity_multiplier=p.capacity_multiplier,
+                              compact_edges=p.skin > 0)  # as the engine: the model sees pairs within r_max
         nbrs = nl.allocate(pos)
 
         def energy(pp, x, nb):
@@ -168,7 +169,7 @@ def jaxbench_rows(system: dict, model_name: str, args, peak: dict) -> list[dict]
             steps=args.steps, run_s=run_s, wall_s=wall, cpu_s=cpu, atom_steps_s=R * len(numbers) * args.steps / run_s,
             compile_s=max(0.0, t_first - wall), flops_per_call=flops, achieved_gflops=achieved / 1e9,
             peak_fraction=achieved / peak_flops, rss_mb=rss_mb(), failed=int(res.failed.sum()) + int(first.failed.sum()),
-            params=n_params, dtype=args.dtype, capacity=res.capacity,
+            params=n_params, dtype=args.dtype, capacity=res.capacity, edge_capacity=res.edge_capacity,
         ))
         print(f"  {rows[-1]['engine']:>12s} {model_name:7s} {system['name']:13s} {rows[-1]['atom_steps_s']:9.0f} atom-steps/s"
               f"  (run {run_s:.2f} s, cpu {cpu:.2f} s, compile {rows[-1]['compile_s']:.1f} s, "

@@ -339,7 +339,12 @@ def md_graph(positions, species, cell, pbc, neighbors) -> Graph:
     species = jnp.concatenate([jnp.asarray(species, jnp.int32), jnp.zeros((1,), jnp.int32)])
     cell = jnp.stack([jnp.asarray(cell, dtype), jnp.zeros((3, 3), dtype)])
     pbc = jnp.stack([jnp.asarray(pbc, bool), jnp.zeros(3, bool)])
-    mask = neighbors.mask
+    if neighbors.edge_capacity:  # only the pairs within the cutoff (see neighbors.md_neighbor_list)
+        from .neighbors import edges_within_cutoff
+
+        senders, receivers, shifts, mask = edges_within_cutoff(positions, neighbors, cell[0])
+    else:
+        senders, receivers, shifts, mask = neighbors.senders, neighbors.receivers, neighbors.shifts, neighbors.mask
     e = mask.shape[0]
     n_real_edges = jnp.sum(mask).astype(jnp.int32)
     return Graph(
@@ -347,9 +352,9 @@ def md_graph(positions, species, cell, pbc, neighbors) -> Graph:
         species=species,
         cell=cell,
         pbc=pbc,
-        senders=jnp.where(mask, neighbors.senders, n).astype(jnp.int32),
-        receivers=jnp.where(mask, neighbors.receivers, n).astype(jnp.int32),
-        shifts=jnp.where(mask[:, None], neighbors.shifts, 0).astype(dtype),
+        senders=jnp.where(mask, senders, n).astype(jnp.int32),
+        receivers=jnp.where(mask, receivers, n).astype(jnp.int32),
+        shifts=jnp.where(mask[:, None], shifts, 0).astype(dtype),
         node_graph=jnp.concatenate([jnp.zeros(n, jnp.int32), jnp.ones(1, jnp.int32)]),
         n_node=jnp.asarray([n, 1], jnp.int32),
         n_edge=jnp.stack([n_real_edges, e - n_real_edges]),

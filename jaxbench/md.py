@@ -667,7 +667,8 @@ class _Engine:
             state, nbrs, reason, fstep, k, mem = c
             new = jax.vmap(lambda s, nb: apply_fn(s, neighbor=nb, params=params))(state, nbrs)
             need = jax.vmap(lambda x, nb: _needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
-            new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: n, nbrs)
+            check = jax.vmap(self.nl.check) if self.nl.check is not None else (lambda x, n: n)
+            new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: check(new.position, n), nbrs)
             bad = jax.vmap(self.check)(new, bonds)
             bad = jnp.where(reason != 0, 0, bad)
             keep = (reason != 0) | (bad != 0)
@@ -722,7 +723,9 @@ def _neighbor_fns(cell, pbc, cutoff, skin, multiplier, n_atoms):
     from .neighbors import md_neighbor_list
 
     def make():
-        nl = md_neighbor_list(cell, pbc, cutoff, skin=skin, capacity_multiplier=multiplier, n_atoms=n_atoms)
+        # with a skin, the model sees only the pairs within the cutoff (the skin shell is ~30% of the list)
+        nl = md_neighbor_list(cell, pbc, cutoff, skin=skin, capacity_multiplier=multiplier, n_atoms=n_atoms,
+                              compact_edges=skin > 0)
         rebuild = jax_jit(lambda P, t: __import__("jax").lax.map(lambda p: nl.update(p, t), P))
         return nl, rebuild
 
@@ -748,6 +751,7 @@ def _allocate_batch(cell, pbc, cutoff, skin, multiplier, positions, max_tries: i
         uniq = {positions[r].tobytes(): r for r in range(len(positions))}
         allocs = [nl.allocate(positions[r]) for r in uniq.values()]
         template = max(allocs, key=lambda a: a.capacity)
+        template = dataclasses.replace(template, edge_capacity=max(a.edge_capacity for a in allocs))
         if not bool(template.did_overflow):
             # force a rebuild for each replica (reference at infinity)
             template = dataclasses.replace(template, reference_positions=jnp.full_like(template.reference_positions, jnp.inf))
@@ -806,7 +810,8 @@ class MDResult:
     arrays: dict[str, np.ndarray] | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     n_reallocations: int = 0
-    capacity: int = 0
+    capacity: int = 0  # neighbor-list slots per replica (pairs within cutoff + skin)
+    edge_capacity: int = 0  # edge slots the model saw per replica (pairs within cutoff), 0: all slots
     seed: int = 0
 
     @property
@@ -994,6 +999,7 @@ def simulate(
         timings=timings,
         n_reallocations=n_realloc,
         capacity=int(carry[1].senders.shape[-1]),
+        edge_capacity=int(carry[1].edge_capacity),
         seed=int(seed),
     )
 
@@ -1041,7 +1047,8 @@ def make_rollout(
     numbers = np.asarray(numbers, np.int32)
     pbc = np.broadcast_to(np.asarray(pbc, bool), (3,))
     cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64)
-    nl = md_neighbor_list(cell, pbc, em.cutoff, skin=protocol.skin, capacity_multiplier=capacity_multiplier)
+    nl = md_neighbor_list(cell, pbc, em.cutoff, skin=protocol.skin, capacity_multiplier=capacity_multiplier,
+                          compact_edges=protocol.skin > 0)
     nbrs0 = nl.allocate(np.asarray(reference_positions, np.float64))
     eng = _Engine(protocol, em, numbers, cell, pbc, nl, None, "map")
     init_fn, apply_fn = eng.integrator()

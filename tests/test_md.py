@@ -190,6 +190,24 @@ def test_neighbor_overflow_reallocates_and_reruns_chunk():
     np.testing.assert_allclose(tight.arrays["conserved_energy"], roomy.arrays["conserved_energy"], atol=1e-9)
 
 
+def test_model_edge_overflow_reallocates_and_reruns_chunk():
+    """With a skin the model sees only the pairs within the cutoff, in their own buffer. Cutoff 7.0 Å
+    just inside the third FCC shell (7.10 Å), list radius 7.5 Å: the list has room for the third
+    shell, the model's buffer (multiplier 1) does not; vibrations bring third-shell pairs inside the
+    cutoff, the engine must re-allocate and redo the chunk (same trajectory as a roomy buffer)."""
+    st = argon(2)
+    lj = md.lennard_jones(cutoff=7.0)
+    p = proto(ensemble="nve", temperature_K=200.0, steps=200, chunk_steps=50, capacity_multiplier=1.0)
+    tight = md.simulate(lj, st, p, seed=2, progress=False)
+    roomy = md.simulate(lj, st, p.replace(capacity_multiplier=3.0), seed=2, progress=False)
+    assert tight.n_reallocations >= 1 and roomy.n_reallocations == 0
+    # the first two shells (18 neighbours per atom) fill the model's buffer at the start, 42 the list's
+    assert roomy.edge_capacity == 3 * 18 * 32 and roomy.capacity == 3 * 42 * 32
+    assert tight.edge_capacity < tight.capacity
+    np.testing.assert_allclose(tight.arrays["position"], roomy.arrays["position"], atol=1e-9)
+    np.testing.assert_allclose(tight.arrays["conserved_energy"], roomy.arrays["conserved_energy"], atol=1e-10)
+
+
 # ------------------------------------------------------------------------------------------ failures
 
 

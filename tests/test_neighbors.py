@@ -368,6 +368,51 @@ def test_md_overflow_and_reallocate(system):
     assert stored_set(fresh) == pair_set(*neighbor_pairs(dense, cell, pbc, 5.5)[:3])
 
 
+@pytest.mark.parametrize("system", ["lips", "p2s5"])
+def test_md_edge_compaction_gives_exactly_the_pairs_within_cutoff(system):
+    """compact_edges: the model's edges (md_graph) along a random walk are exactly the pairs within the
+    cutoff (not cutoff + skin), in fewer slots than the list; a frame with more pairs within the
+    cutoff than edge_capacity (but still fitting the list) sets did_overflow, with or without a rebuild."""
+    from jaxbench.graph import md_graph
+
+    pos, cell, pbc = lips() if system == "lips" else p2s5()
+    fns = md_neighbor_list(cell, pbc, 5.0, skin=0.5, capacity_multiplier=1.05, compact_edges=True)
+    nbrs = fns.allocate(pos)
+    n_cut = len(neighbor_pairs(pos, cell, pbc, 5.0)[0])
+    assert nbrs.cutoff == 5.0 and nbrs.edge_capacity == int(n_cut * 1.05) < nbrs.capacity
+    traj = random_walk(pos, 40, 0.02)
+
+    @jax.jit
+    def run(nbrs, traj):
+        def body(n, r):
+            g = md_graph(r, np.zeros(len(pos), np.int32), cell, pbc, n)
+            n = fns.update(r, n)
+            return n, (g.senders, g.receivers, g.shifts.astype(jnp.int32), g.edge_mask)
+
+        return jax.lax.scan(body, nbrs, traj)
+
+    final, arrays = run(nbrs, jnp.asarray(traj))
+    assert not bool(final.did_overflow) and int(final.n_builds) > 1
+    assert arrays[0].shape[1] == nbrs.edge_capacity
+    for k in range(len(traj)):
+        m = np.asarray(arrays[3][k])
+        i, j, s = (np.asarray(a[k])[m] for a in (arrays[1], arrays[0], arrays[2]))
+        ref = neighbor_pairs(traj[k], cell, pbc, 5.0)
+        assert len(i) == len(ref[0]) and pair_set(i, j, s) == pair_set(*ref[:3]), f"step {k}"
+    # one slot fewer than the pairs within 5 Å of the last frame (all within the list's capacity):
+    # an overflow of the model's edges alone, flagged by update (here with a rebuild) and by check
+    import dataclasses
+
+    n_last = len(neighbor_pairs(traj[-1], cell, pbc, 5.0)[0])
+    for cap, overflows in ((n_last - 1, True), (n_last, False)):
+        nb = dataclasses.replace(final, edge_capacity=cap)
+        assert bool(jax.jit(fns.check)(jnp.asarray(traj[-1]), nb).did_overflow) == overflows
+        stale = dataclasses.replace(nb, reference_positions=jnp.full_like(nb.reference_positions, jnp.inf))
+        rebuilt = jax.jit(fns.update)(jnp.asarray(traj[-1]), stale)
+        assert int(rebuilt.n_builds) == int(final.n_builds) + 1
+        assert bool(rebuilt.did_overflow) == overflows and rebuilt.edge_capacity == cap
+
+
 def test_md_impossible_case_clear_error():
     cell = np.diag([20.0, 20.0, 2.0])
     fns = md_neighbor_list(cell, True, 5.0, skin=0.5)  # 6 candidate shifts per pair (of 3 x 3 x 7)
