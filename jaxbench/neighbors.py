@@ -570,7 +570,8 @@ def _with_edge_compaction(fns: NeighborListFns) -> NeighborListFns:
         nb = dataclasses.replace(nb, cutoff=fns.cutoff)
         n = nb.n_atoms
         count = int(count_inside(nb.reference_positions, nb))
-        cap = int(count * fns.capacity_multiplier) + n * int(extra_capacity)
+        # the second term lets a reallocation (larger multiplier) grow the buffer even from no pairs
+        cap = int(count * fns.capacity_multiplier) + n * int(extra_capacity) + math.ceil(n * (fns.capacity_multiplier - 1.0))
         return dataclasses.replace(nb, edge_capacity=max(1, min(cap, nb.capacity)))
 
     def check(positions, neighbors: Neighbors) -> Neighbors:

@@ -201,8 +201,9 @@ def test_model_edge_overflow_reallocates_and_reruns_chunk():
     tight = md.simulate(lj, st, p, seed=2, progress=False)
     roomy = md.simulate(lj, st, p.replace(capacity_multiplier=3.0), seed=2, progress=False)
     assert tight.n_reallocations >= 1 and roomy.n_reallocations == 0
-    # the first two shells (18 neighbours per atom) fill the model's buffer at the start, 42 the list's
-    assert roomy.edge_capacity == 3 * 18 * 32 and roomy.capacity == 3 * 42 * 32
+    # the first two shells (18 neighbours per atom) fill the model's buffer at the start (plus
+    # (multiplier - 1) slots per atom), the first three (42) the list's
+    assert roomy.edge_capacity == 3 * 18 * 32 + 2 * 32 and roomy.capacity == 3 * 42 * 32
     assert tight.edge_capacity < tight.capacity
     np.testing.assert_allclose(tight.arrays["position"], roomy.arrays["position"], atol=1e-9)
     np.testing.assert_allclose(tight.arrays["conserved_energy"], roomy.arrays["conserved_energy"], atol=1e-10)
