@@ -29,15 +29,23 @@ def _contraction(correlation, irreps_out="0e+1o+2e", num_species=3, channels=4, 
     return mod, params, x, species, onehot
 
 
-@pytest.mark.parametrize("correlation", [1, 2, 3])
-def test_symmetric_contraction_matches_full_basis(correlation):
-    """The monomial-reduced evaluation equals the plain contraction with the full U tensors."""
-    mod, params, x, species, onehot = _contraction(correlation)
+@pytest.mark.parametrize("correlation, irreps_out, n", [(1, "0e+1o+2e", 5), (2, "0e+1o+2e", 5), (3, "0e+1o+2e", 5),
+                                                      (3, "0e+1o+2e", 11), (2, "0e", 11), (3, "0e", 5)])
+def test_symmetric_contraction_matches_full_basis(correlation, irreps_out, n):
+    """Both evaluations (dense over all monomials, in blocks of 8 atoms with the last block padded:
+    n = 11; sparse over the used terms: scalar outputs) equal the plain contraction with the full U
+    tensors."""
+    from jaxbench.models.mace import _sparse_terms
+
+    mod, params, x, species, onehot = _contraction(correlation, irreps_out=irreps_out, n=n)
+    n_mono = sum(math.comb(9 + nu - 1, nu) for nu in range(1, correlation + 1))
+    sparse = 4 * len(_sparse_terms(IRREPS_IN, irreps_out, correlation)[1]) <= n_mono
+    assert sparse == (irreps_out == "0e")  # both paths are exercised
     out = mod.apply(params, x, onehot)
     a = np.asarray(x.array)  # [n, c, 9]
     ref = np.zeros(out.shape)
     for nu in range(1, correlation + 1):
-        U = e3nn.reduced_symmetric_tensor_product_basis(e3nn.Irreps(IRREPS_IN), nu, keep_ir=["0e", "1o", "2e"])
+        U = e3nn.reduced_symmetric_tensor_product_basis(e3nn.Irreps(IRREPS_IN), nu, keep_ir=irreps_out.split("+"))
         for (k, ir), u in zip(U.irreps, U.chunks):
             u = np.asarray(u) / nu  # [9]*nu + [k, ir.dim]
             t = np.einsum("nca,a...->nc...", a, u)

@@ -151,6 +151,7 @@ class Convolution(nn.Module):
     target_irreps: str
     avg_num_neighbors: float
     radial_mlp: Sequence[int]
+    edge_block: int = 32
 
     @nn.compact
     def __call__(self, h, edge_sh, edge_feats, edge_mask, senders, receivers):
@@ -164,17 +165,40 @@ class Convolution(nn.Module):
         # One weight per (path, channel): mace-torch's uvu `weight_numel`.
         w = RadialMLP(tuple(self.radial_mlp) + (num_paths * C,), name="conv_tp_weights")(edge_feats)
         w = jnp.where(edge_mask[:, None], w, 0.0).reshape(n_edge, num_paths, C)
+        xs = [(jnp.swapaxes(chunk, 1, 2), ir1, jnp.asarray(cg.reshape(cg.shape[0], -1), dtype), paths)
+              for ((_, ir1), chunk), (cg, paths) in zip(zip(h.irreps, h.chunks), per_chunk) if cg is not None]
+
+        def messages(sh, w, snd, rcv):
+            """Sum over this block of edges of the messages into every node, per input irrep: [N, D_out, C]."""
+            e = sh.shape[0]
+            out = []
+            for x, ir1, cg, paths in xs:
+                m = (sh @ cg).reshape(e, ir1.dim, -1)
+                o = jnp.einsum("eik,eic->ekc", m, x[snd])  # [e, D_out, C]: all paths of this input irrep
+                w_paths = [jnp.broadcast_to(w[:, p, None, :], (e, ir3.dim, C)) for p, ir3, _ in paths]
+                out.append(jax.ops.segment_sum(o * jnp.concatenate(w_paths, axis=1), rcv, num_segments=n_node))
+            return out
+
+        # Edges go through in blocks (a scan; each block's intermediates recomputed in the backward
+        # pass): the per-edge arrays ([E, D_out, C], 9 KB per edge) of a whole structure do not fit in
+        # cache; blocks of `edge_block` edges do (3-4x less time on LiPS, BENCHMARKS.md). Padding edges
+        # of the last block have zero weights: zero messages.
+        b = min(self.edge_block, n_edge)
+        n_blocks = -(-n_edge // b)
+        pad = n_blocks * b - n_edge
+        blocked = (
+            jnp.pad(edge_sh.array, ((0, pad), (0, 0))).reshape(n_blocks, b, -1),
+            jnp.pad(w, ((0, pad), (0, 0), (0, 0))).reshape(n_blocks, b, num_paths, C),
+            jnp.pad(senders, (0, pad)).reshape(n_blocks, b),
+            jnp.pad(receivers, (0, pad)).reshape(n_blocks, b),
+        )
+        body = jax.checkpoint(messages)
+        init = [jnp.zeros((n_node, sum(ir3.dim for _, ir3, _ in paths), C), dtype) for _, _, _, paths in xs]
+        msgs, _ = jax.lax.scan(lambda acc, blk: ([a + m for a, m in zip(acc, body(*blk))], None), init, blocked)
         blocks: dict = {}
-        for ((_, ir1), chunk), (cg, paths) in zip(zip(h.irreps, h.chunks), per_chunk):
-            if cg is None:
-                continue
-            x = jnp.swapaxes(chunk, 1, 2)[senders]  # [E, d1, C]
-            m = (edge_sh.array @ jnp.asarray(cg.reshape(cg.shape[0], -1), dtype)).reshape(n_edge, ir1.dim, -1)
-            o = jnp.einsum("eik,eic->ekc", m, x)  # [E, D_out, C]: all paths of this input irrep
-            w_paths = [jnp.broadcast_to(w[:, p, None, :], (n_edge, ir3.dim, C)) for p, ir3, _ in paths]
-            msg = jax.ops.segment_sum(o * jnp.concatenate(w_paths, axis=1), receivers, num_segments=n_node)
+        for msg, (_, _, _, paths) in zip(msgs, xs):
             # Materialise the node-level sum (and, in the backward pass, its cotangent) so that XLA does
-            # not fuse the node-level slicing below into the per-edge gather and redo it for every edge.
+            # not fuse the node-level slicing below into the per-edge work and redo it for every edge.
             msg = jax.lax.optimization_barrier(msg)
             for p, ir3, k in paths:
                 blocks.setdefault(ir3, []).append(msg[:, k : k + ir3.dim, :])
@@ -240,6 +264,36 @@ def _product_basis(irreps_in: str, irreps_out: str, correlation: int):
     return bases
 
 
+@functools.lru_cache(maxsize=None)
+def _sparse_terms(irreps_in: str, irreps_out: str, correlation: int):
+    """The non-zero (monomial, output component) pairs of the reduced basis, for outputs that use few
+    monomials (scalars: ~10% of them). Returns ({(nu, ir): (U[T_b, K], first term)} with the terms
+    in (output irrep, nu) blocks, the permutation that sorts them by output component, their monomial
+    factors in that order ([correlation, T] indices into x with a trailing 1 at index dim), and the
+    bounds of each output component's run of terms."""
+    bases = _product_basis(irreps_in, irreps_out, correlation)
+    dim = _irreps(irreps_in).dim
+    blocks, factors, component = {}, [], []
+    offset = 0
+    for _, ir in _irreps(irreps_out):
+        for nu in range(1, correlation + 1):
+            if (nu, ir) not in bases:
+                continue
+            u = bases[(nu, ir)]
+            nz = np.argwhere(np.abs(u).max(axis=1) > 1e-12)  # (monomial, component) pairs
+            blocks[(nu, ir)] = (u[nz[:, 0], :, nz[:, 1]], len(factors))
+            tuples = _multisets(dim, nu)
+            for m, i in nz:
+                t = tuples[m]
+                factors.append(tuple(t) + (dim,) * (correlation - nu))
+                component.append(offset + i)
+        offset += ir.dim
+    component = np.array(component, np.int32)
+    order = np.argsort(component, kind="stable")  # terms of one component contiguous
+    bounds = tuple(int(b) for b in np.searchsorted(component[order], np.arange(offset + 1)))
+    return blocks, order, np.array(factors, np.int32)[order].T, bounds
+
+
 class SymmetricContraction(nn.Module):
     """Per channel c and species s:  B_c = sum_nu sum_k w^{nu}_{s,k,c} (U_nu[k] . A_c^{(x) nu}).
 
@@ -249,15 +303,23 @@ class SymmetricContraction(nn.Module):
     weights for the same function space); weights ~ N(0, 1) with 1/sqrt(K) in the forward pass (mace-jax)
     instead of torch's N(0, 1)/K init.
 
-    Evaluation (CPU-friendly): the species weights are first folded into the basis, G[s, m, i, c] =
-    sum_k U[m, k, i] w[s, k, c] (independent of the number of atoms), then one matmul (batched over
-    channels) of the symmetric monomials of x, [N, m, c], with G and a one-hot selection of each atom's
-    species (cheaper than gathering weights per atom while S is small).
+    Two evaluations of the same sum, chosen by how many monomials the outputs use (CPU-friendly; both
+    checked against the full U tensors in tests/test_mace.py):
+
+    * dense (vector outputs use most monomials): the species weights are folded into the basis,
+      G[s, m, i, c] = sum_k U[m, k, i] w[s, k, c] (independent of the number of atoms), then the
+      symmetric monomials of x, [n, m, c], meet G in one matmul batched over channels, and a one-hot
+      selects each atom's species. The monomials (968 per channel for 16-dim input at correlation 3)
+      do not fit in cache for a whole structure, so atoms go through in blocks of `block` (a lax.map):
+      2.4x less time on 200 atoms than all at once (BENCHMARKS.md).
+    * sparse (scalar outputs use ~10% of the monomials): only the non-zero (monomial, component) terms,
+      each a product of gathered components of x times its species' folded weight.
     """
 
     irreps_out: str  # per channel, e.g. "0e+1o+2e"
     correlation: int
     num_species: int
+    block: int = 8
 
     @nn.compact
     def __call__(self, x: e3nn.IrrepsArray, species_onehot) -> e3nn.IrrepsArray:
@@ -266,27 +328,58 @@ class SymmetricContraction(nn.Module):
         irreps_out = _irreps(self.irreps_out)
         bases = _product_basis(str(x.irreps), str(irreps_out), self.correlation)
         a = jnp.swapaxes(x.array, 1, 2)  # [N, dim, C]: channel-minor, XLA vectorises over channels
-        monos = _monomials(a, self.correlation)
-        sizes = [m.shape[1] for m in monos]
-        mono = jnp.concatenate(monos, axis=1)  # [N, M, C]
+        onehot = species_onehot.astype(a.dtype)
+        weights = {}
+        for _, ir in irreps_out:
+            for nu in range(1, self.correlation + 1):
+                if (nu, ir) in bases:
+                    k = bases[(nu, ir)].shape[1]
+                    w = self.param(f"w{nu}_{ir}", nn.initializers.normal(1.0), (self.num_species, k, C), jnp.float32)
+                    weights[(nu, ir)] = w.astype(a.dtype) * float(1.0 / np.sqrt(k))
+        sparse = _sparse_terms(str(x.irreps), str(irreps_out), self.correlation)
+        n_mono = sum(comb(a.shape[1] + nu - 1, nu) for nu in range(1, self.correlation + 1))
+        if 4 * len(sparse[1]) <= n_mono:
+            out = self._sparse(a, onehot, weights, *sparse)
+        else:
+            out = self._dense(a, onehot, weights, bases, irreps_out)
+        return e3nn.IrrepsArray(irreps_out, out)
 
+    def _dense(self, a, onehot, weights, bases, irreps_out):
+        n, dim, C = a.shape
+        sizes = [comb(dim + nu - 1, nu) for nu in range(1, self.correlation + 1)]
         blocks_ir = []
         for _, ir in irreps_out:
             blocks = []
             for nu in range(1, self.correlation + 1):
                 if (nu, ir) in bases:
-                    u = bases[(nu, ir)]
-                    k = u.shape[1]
-                    w = self.param(f"w{nu}_{ir}", nn.initializers.normal(1.0), (self.num_species, k, C), jnp.float32)
-                    w = w.astype(a.dtype) * float(1.0 / np.sqrt(k))
-                    blocks.append(jnp.einsum("mki,skc->smic", jnp.asarray(u, a.dtype), w))
+                    u = jnp.asarray(bases[(nu, ir)], a.dtype)
+                    blocks.append(jnp.einsum("mki,skc->smic", u, weights[(nu, ir)]))
                 else:
                     blocks.append(jnp.zeros((self.num_species, sizes[nu - 1], ir.dim, C), a.dtype))
             blocks_ir.append(jnp.concatenate(blocks, axis=1))
         G = jnp.concatenate(blocks_ir, axis=2)  # [S, M, D_out, C]
-        out = jnp.einsum("nmc,smic->nsic", mono, G)
-        out = jnp.einsum("nsic,ns->nci", out, species_onehot.astype(a.dtype))
-        return e3nn.IrrepsArray(irreps_out, out)
+
+        def contract(a, onehot):
+            mono = jnp.concatenate(_monomials(a, self.correlation), axis=1)  # [b, M, C]
+            out = jnp.einsum("nmc,smic->nsic", mono, G)
+            return jnp.einsum("nsic,ns->nci", out, onehot)
+
+        b = min(self.block, n)
+        n_blocks = -(-n // b)
+        pad = n_blocks * b - n  # zero atoms: zero monomials, no species -> zero output, dropped
+        a = jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(n_blocks, b, dim, C)
+        onehot = jnp.pad(onehot, ((0, pad), (0, 0))).reshape(n_blocks, b, -1)
+        out = jax.lax.map(lambda xs: contract(*xs), (a, onehot))
+        return out.reshape(n_blocks * b, C, -1)[:n]
+
+    def _sparse(self, a, onehot, weights, blocks, order, factors, bounds):
+        folded = [jnp.einsum("tk,skc->stc", jnp.asarray(u, a.dtype), weights[key]) for key, (u, _) in blocks.items()]
+        G = jnp.concatenate(folded, axis=1)[:, order]  # [S, T, C], sorted by output component
+        terms = jnp.einsum("ns,stc->ntc", onehot, G)
+        x1 = jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)  # index dim -> 1 (lower degrees)
+        for f in factors:
+            terms = terms * x1[:, f]
+        return jnp.stack([jnp.sum(terms[:, lo:hi], axis=1) for lo, hi in zip(bounds[:-1], bounds[1:])], axis=-1)
 
 
 class ProductBasis(nn.Module):
