@@ -183,8 +183,8 @@ class Convolution(nn.Module):
         # pass): the per-edge arrays ([E, D_out, C], 9 KB per edge) of a whole structure do not fit in
         # cache; blocks of `edge_block` edges do (3-4x less time on LiPS, BENCHMARKS.md). Padding edges
         # of the last block have zero weights: zero messages.
-        b = min(self.edge_block, n_edge)
-        n_blocks = -(-n_edge // b)
+        n_blocks = -(-n_edge // self.edge_block)
+        b = -(-n_edge // n_blocks)  # balanced blocks: at most n_blocks - 1 padding edges
         pad = n_blocks * b - n_edge
         blocked = (
             jnp.pad(edge_sh.array, ((0, pad), (0, 0))).reshape(n_blocks, b, -1),
@@ -364,8 +364,8 @@ class SymmetricContraction(nn.Module):
             out = jnp.einsum("nmc,smic->nsic", mono, G)
             return jnp.einsum("nsic,ns->nci", out, onehot)
 
-        b = min(self.block, n)
-        n_blocks = -(-n // b)
+        n_blocks = -(-n // self.block)
+        b = -(-n // n_blocks)  # balanced blocks of at most `block` atoms
         pad = n_blocks * b - n  # zero atoms: zero monomials, no species -> zero output, dropped
         a = jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(n_blocks, b, dim, C)
         onehot = jnp.pad(onehot, ((0, pad), (0, 0))).reshape(n_blocks, b, -1)
