@@ -139,17 +139,21 @@ def test_padding_edges_do_not_contribute_and_output_is_per_atom(arch, hp):
 
 
 @pytest.mark.parametrize("irreps_in,target", [("4x0e", "4x0e+4x1o+4x2e+4x3o"), ("4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e+4x3o"), ("4x0e+4x1o", "3x0e+2x1o")])
-def test_convolution_equals_e3nn_tensor_product(irreps_in, target):
+@pytest.mark.parametrize("edge_block", [32, 5])
+def test_convolution_equals_e3nn_tensor_product(irreps_in, target, edge_block):
     """The channel-minor convolution == e3nn.tensor_product(h_j, Y_ij) with per-(path, channel) weights,
-    summed over neighbours, e3nn-normalised linear per output irrep, / avg_num_neighbors."""
+    summed over neighbours, e3nn-normalised linear per output irrep, / avg_num_neighbors; edges in
+    one block, and in several blocks with a padded last one (edge_block 5)."""
     from jaxbench.models.mace import Convolution, RadialMLP
 
     vec, _, send, recv, em, _ = _tiny_graph(n=5)
     n, E = 6, len(send)
+    n_blocks = -(-E // edge_block)
+    assert (n_blocks == 1) == (edge_block == 32) and (edge_block == 32 or n_blocks * -(-E // n_blocks) > E)
     h = e3nn.normal(irreps_in, jax.random.PRNGKey(0), (n,)).astype(jnp.float64)
     sh = e3nn.spherical_harmonics("0e+1o+2e+3o", e3nn.IrrepsArray("1o", jnp.asarray(vec)), True, "component")
     feats = jax.random.normal(jax.random.PRNGKey(1), (E, 8), jnp.float64)
-    mod = Convolution(target, 3.0, (8,))
+    mod = Convolution(target, 3.0, (8,), edge_block=edge_block)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), mod.init(jax.random.PRNGKey(2), h, sh, feats, em, send, recv))
     out = mod.apply(params, h, sh, feats, em, send, recv)
 
