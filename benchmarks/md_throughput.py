@@ -6,7 +6,8 @@ values, only on the architecture and the neighbor count) this measures:
 
   * jaxbench, R replicas batched (default 5) and 1 replica: `jaxbench.md.simulate`, Langevin at the
     egraffbench card's temperature and timestep (the ensemble of the mace-torch + ASE baseline), one
-    compiled chunk of --steps steps, nothing written to disk. Run twice: the first call compiles
+    compiled chunk of --steps steps, nothing written to disk; the R replicas split over --devices CPU
+    devices (default: one per core, `jaxbench.use_cpu_devices`). Run twice: the first call compiles
     (compile time = first - second), the second is timed.
   * mace-torch + ASE Langevin (MACE card only: same hyperparameters, random weights, float64 as
     mace's ASE calculator defaults), in the reference venv (--ref-python) as a subprocess of this file.
@@ -33,7 +34,7 @@ set small (statistics force_rms --force-scale eV/Å) and the molecular bond-stre
 Usage:
   .venv/bin/python benchmarks/md_throughput.py [--systems md17-ethanol,md17-aspirin,lips,gete]
       [--models mace,nequip] [--steps 100] [--replicas 5] [--torch-steps 50] [--dtype float64|float32]
-      [--batch map,vmap]
+      [--batch map,vmap] [--devices 1,2]
       [--ref-python /work/refenv/bin/python] [--mlip-python /work/mlipenv/bin/python] [--skip torch,mlip,single]
       [--markdown OUT.md]
 """
@@ -137,16 +138,20 @@ def jaxbench_rows(system: dict, model_name: str, args, peak: dict) -> list[dict]
     n_params = pot.num_parameters(params)
     base = md.load_protocol("egraffbench", system["name"])
     rows = []
-    configs = [(args.replicas, b) for b in args.batch.split(",")] + ([] if "single" in args.skip else [(1, "map")])
-    for R, batch in configs:
+    devs = [int(d) for d in args.devices.split(",")] if args.devices else [len(jax.local_devices())]
+    configs = [(args.replicas, b, d) for b in args.batch.split(",") for d in devs] + ([] if "single" in args.skip else [(1, "map", 1)])
+    for R, batch, n_dev in configs:
+        n_dev = min(n_dev, R)
         p = base.replace(ensemble="nvt_langevin", friction_per_fs=0.01, steps=args.steps, save_every=args.steps,
                          chunk_steps=args.steps, replicas=R, bond_factor=0.0)
         start = md.Start.make(pos, numbers, cell, pbc, replicas=R)
         c0, t0 = time.process_time(), time.perf_counter()
-        first = md.simulate(pot, start, p, params=params, seed=0, progress=False, keep_arrays=False, batch=batch)
+        first = md.simulate(pot, start, p, params=params, seed=0, progress=False, keep_arrays=False, batch=batch,
+                            devices=n_dev)
         t_first = time.perf_counter() - t0
         c1, t1 = time.process_time(), time.perf_counter()
-        res = md.simulate(pot, start, p, params=params, seed=0, progress=False, keep_arrays=False, batch=batch)
+        res = md.simulate(pot, start, p, params=params, seed=0, progress=False, keep_arrays=False, batch=batch,
+                          devices=n_dev)
         wall = time.perf_counter() - t1
         cpu = time.process_time() - c1
         run_s = res.timings["first_chunk_s"] + res.timings["chunks_s"]
@@ -165,7 +170,7 @@ def jaxbench_rows(system: dict, model_name: str, args, peak: dict) -> list[dict]
         achieved = flops * R * args.steps / run_s
         peak_flops = peak["peak_fp64"] if args.dtype == "float64" else peak["peak_fp32"]
         rows.append(dict(
-            system=system["name"], model=model_name, engine=f"jaxbench x{R}" + (f" {batch}" if batch != "map" else ""), replicas=R, atoms=len(numbers),
+            system=system["name"], model=model_name, engine=f"jaxbench x{R}" + (f" {batch}" if batch != "map" else "") + (f" {n_dev} dev" if n_dev > 1 else ""), replicas=R, devices=n_dev, atoms=len(numbers),
             steps=args.steps, run_s=run_s, wall_s=wall, cpu_s=cpu, atom_steps_s=R * len(numbers) * args.steps / run_s,
             compile_s=max(0.0, t_first - wall), flops_per_call=flops, achieved_gflops=achieved / 1e9,
             peak_fraction=achieved / peak_flops, rss_mb=rss_mb(), failed=int(res.failed.sum()) + int(first.failed.sum()),
@@ -376,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-steps", type=int, default=50, help="timed MD steps of mace-torch + ASE")
     ap.add_argument("--replicas", type=int, default=5)
     ap.add_argument("--batch", default="map", help="replica layouts for the R-replica runs: map, vmap (comma list)")
+    ap.add_argument("--devices", default="", help="split the R replicas over this many CPU devices (comma list; "
+                    "default: one per core, jaxbench.use_cpu_devices)")
     ap.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="jaxbench model evaluation dtype")
     ap.add_argument("--force-scale", type=float, default=0.05, help="statistics force_rms (eV/Å) of the random models")
     ap.add_argument("--ref-python", default="/work/refenv/bin/python")
@@ -404,6 +411,10 @@ def main(argv=None) -> int:
 
     import jax
 
+    import jaxbench
+
+    want = max([int(d) for d in args.devices.split(",")], default=0) if args.devices else None
+    jaxbench.use_cpu_devices(max(want, len(os.sched_getaffinity(0))) if want else None)
     jax.config.update("jax_enable_x64", True)
     from jaxbench.neighbors import neighbor_pairs
     from jaxbench.potential import model_card

@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
             budget=args.budget if args.budget is not None else (None if args.resume else "60m"), max_epochs=args.max_epochs, seed=args.seed,
             out=args.out, resume=args.resume, dtype=args.dtype, n_train=args.n_train, n_val=args.n_val,
             checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-            pause_after_checkpoint=args.pause_after_checkpoint,
+            pause_after_checkpoint=args.pause_after_checkpoint, devices=args.devices,
         )
     except TrainingDivergedError as e:
         print(f"jaxbench: training diverged: {e}", file=sys.stderr)
@@ -242,7 +242,7 @@ def cmd_simulate(args) -> int:
     )
     res = md.simulate(
         model, start, protocol, seed=args.seed, out=traj, overwrite=args.overwrite, progress=not args.quiet,
-        batch=args.batch, metadata=dict(run=str(args.run), dataset=spec.name), failure_fn=hook,
+        batch=args.batch, devices=args.devices, metadata=dict(run=str(args.run), dataset=spec.name), failure_fn=hook,
     )
     summary = dict(
         dataset=spec.name, run=str(args.run), model=model.name, protocol=protocol.to_dict(), seed=args.seed,
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     psim.add_argument("--ensemble", choices=["nve", "nvt_langevin", "nvt_nose_hoover"], help="override the card's ensemble")
     psim.add_argument("--seed", type=int, default=0, help="velocity / noise seed (default 0)")
     psim.add_argument("--batch", choices=["map", "vmap", "vmap_select"], default="map", help="replica batching (default map: measured fastest)")
+    psim.add_argument("--devices", type=int, help="split the replicas over this many devices (default: all, one per CPU core)")
     psim.add_argument("--rdf-stability", action="store_true",
                       help="periodic systems: stop a replica whose RDF over a window deviates from the dataset's "
                            "(FaNE eq. 8; the bond criterion for molecules is always on)")
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--n-val", type=int, help="use only the first N validation frames")
     pt.add_argument("--checkpoint-every", type=int, help="also checkpoint `last` every N steps inside an epoch")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.add_argument("--devices", type=int, help="split each batch over this many devices (default: all, one per CPU core)")
     pt.add_argument("--pause-after-checkpoint", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     pt.set_defaults(func=cmd_train)
 
@@ -347,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import use_cpu_devices
+
+    use_cpu_devices()  # replicas of `simulate` / `bench` run one share per core
     try:
         return int(args.func(args) or 0)
     except JaxbenchError as e:

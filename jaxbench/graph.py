@@ -184,6 +184,23 @@ class FrameGraphs:
             )
         return batch_graph(self, indices, policy=policy, sizes=sizes)
 
+    def sharded_batch(
+        self, indices: Sequence[int], n_shards: int, policy: PaddingPolicy = DEFAULT_POLICY, n_graph: int | None = None
+    ) -> Graph:
+        """The frames `indices` split into `n_shards` consecutive parts (sizes differ by one at most), each
+        padded like `batch` to the largest part's sizes, stacked on a leading shard axis (data-parallel
+        training: one part per device). `n_graph` (the full batch size) reserves room for a short last batch."""
+        idx = np.asarray(indices, dtype=np.int64)
+        parts = np.array_split(idx, n_shards)
+        per = -(-max(len(idx), n_graph or 0) // n_shards)
+        sizes = [
+            policy.sizes(int(self.frames.n_atoms[q].sum()), int(self.n_edges[q].sum()), per, edges_per_node=self.edges_per_node)
+            for q in parts
+        ]
+        common = tuple(max(sz[k] for sz in sizes) for k in range(3))
+        graphs = [batch_graph(self, q, policy=policy, sizes=common) for q in parts]
+        return jax.tree.map(lambda *xs: np.stack(xs), *graphs)
+
     def batches(
         self,
         batch_size: int,

@@ -69,6 +69,7 @@ ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
 FAILURE_REASONS = {1: "non-finite", 2: "temperature", 4: "bond", 8: "structural criterion (hook)"}
 T_MIN, T_MAX, BOND_STRETCH, MIN_DISTANCE = 0.1, 1e5, 0.5, 0.1
 MAX_TIMESTEP_FS = 5.0
+PADDING_REPLICA = 1 << 30  # failure bit of the frozen copies that pad a replica batch over devices (never returned)
 
 
 class FailureHook(NamedTuple):
@@ -525,6 +526,7 @@ class _Engine:
     nl: Any  # NeighborListFns
     hook: FailureHook | None
     batch: str  # 'map' | 'vmap'
+    devices: int = 1  # replicas split over this many local devices (shard_map), each runs `batch`
 
     # -- physics -------------------------------------------------------------------------------
     def energy(self, R, neighbor=None, params=None, **unused):
@@ -635,6 +637,41 @@ class _Engine:
 
     # -- batched -------------------------------------------------------------------------------
     def run_chunk(self, params, carry, bonds, n_save: int):
+        if self.devices > 1:
+            return self.run_chunk_sharded(params, carry, bonds, n_save)
+        return self.run_chunk_local(params, carry, bonds, n_save)
+
+    def run_chunk_sharded(self, params, carry, bonds, n_save: int):
+        """Replicas split over `devices` local devices, each device running its share with `batch`.
+        On a CPU host made of several XLA devices (:func:`jaxbench.use_cpu_devices`) each share runs on
+        its own core: one XLA program keeps ~1.3-1.6 of 2 cores busy (its small ops are serial),
+        two keep both (BENCHMARKS.md). A replica count that does not divide is padded with frozen
+        copies of replica 0 (failure bit set: skipped under 'map', computed and discarded under 'vmap'),
+        dropped again on the way out."""
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, PartitionSpec as P
+
+        R = carry[2].shape[0]
+        n_dev = self.devices
+        pad = -R % n_dev
+
+        def padded(x):
+            return jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0) if pad else x
+
+        carry_p, bonds_p = jax.tree.map(padded, (carry, bonds))
+        if pad:
+            reason = carry_p[2].at[R:].set(PADDING_REPLICA)
+            carry_p = carry_p[:2] + (reason,) + tuple(carry_p[3:])
+        mesh = Mesh(np.asarray(jax.local_devices()[:n_dev]), ("replica",))
+        local = jax.shard_map(
+            lambda p, c, b: self.run_chunk_local(p, c, b, n_save), mesh=mesh,
+            in_specs=(P(), P("replica"), P("replica")), out_specs=(P("replica"), P("replica")), check_vma=False,
+        )
+        new_carry, obs = local(params, carry_p, bonds_p)
+        return jax.tree.map(lambda x: x[:R], (new_carry, obs))
+
+    def run_chunk_local(self, params, carry, bonds, n_save: int):
         import jax
         from jax import lax
 
@@ -762,17 +799,17 @@ def _allocate_batch(cell, pbc, cutoff, skin, multiplier, positions, max_tries: i
     raise NeighborListError(f"neighbor list still overflows at capacity_multiplier {multiplier:.3g} after {max_tries} tries")
 
 
-def _engine(protocol: Protocol, model: EnergyModel, start: Start, nl, failure_fn, batch):
+def _engine(protocol: Protocol, model: EnergyModel, start: Start, nl, failure_fn, batch, devices: int = 1):
     """The engine and its jitted functions, cached by everything that changes the compiled code."""
     import jax
     import jax.numpy as jnp
 
     phys = dataclasses.replace(protocol, steps=1, replicas=1, chunk_steps=protocol.save_every, name="", reference="",
                                replica_init="velocities", frame_split="test")
-    key = ("engine", phys, model.key, start.numbers.tobytes(), id(nl), id(failure_fn), batch)
+    key = ("engine", phys, model.key, start.numbers.tobytes(), id(nl), id(failure_fn), batch, devices)
 
     def make():
-        eng = _Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, _as_hook(failure_fn), batch)
+        eng = _Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, _as_hook(failure_fn), batch, devices)
 
         def init_all(params, keys, positions, momenta, nbrs, bonds):
             state = eng.init(params, keys, positions, momenta, nbrs)
@@ -846,6 +883,7 @@ def simulate(
     callback: Callable | None = None,
     cutoff: float | None = None,
     metadata: dict | None = None,
+    devices: int | None = None,
 ) -> MDResult:
     """Run ``protocol`` from ``start`` with ``model`` for all replicas as one compiled batch.
 
@@ -864,6 +902,9 @@ def simulate(
         :func:`jaxbench.metrics.rdf_stability_hook`).
       batch: 'map' (``lax.map`` over replicas, default), 'vmap' (batched step with one outer
         neighbor-rebuild cond) or 'vmap_select' (plain vmap of the per-replica chunk).
+      devices: split the replicas over this many local devices (each runs its share with ``batch``);
+        default: all local devices, at most one per replica. On a CPU call
+        :func:`jaxbench.use_cpu_devices` before JAX starts to get one device per core.
       callback: called after every chunk with a dict (chunk, steps_done, failed, path).
     """
     import jax
@@ -874,6 +915,9 @@ def simulate(
     model = as_energy_model(model, params=params, cutoff=cutoff)
     if batch not in ("map", "vmap", "vmap_select"):
         raise JaxbenchError(f"batch must be 'map', 'vmap' or 'vmap_select', got '{batch}'")
+    n_local = len(jax.local_devices())
+    if devices is not None and not (isinstance(devices, int) and 1 <= devices <= n_local):
+        raise JaxbenchError(f"devices must be an integer from 1 to the {n_local} local device(s), got {devices!r}")
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not overwrite:
         raise JaxbenchError(f"output {out} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
@@ -881,13 +925,14 @@ def simulate(
     _as_hook(failure_fn)  # a wrong kind of criterion is named before any compute
     keep_arrays = out is None if keep_arrays is None else keep_arrays
     R, N = start.n_replicas, start.n_atoms
+    devices = min(n_local, R) if devices is None else min(devices, R)
     t0 = time.perf_counter()
 
     nl, nbrs, mult = _allocate_batch(
         start.cell, start.pbc, model.cutoff, protocol.skin, protocol.capacity_multiplier, start.positions
     )
     params = jax.tree.map(jnp.asarray, model.params)
-    eng, compiled = _engine(protocol, model, start, nl, failure_fn, batch)
+    eng, compiled = _engine(protocol, model, start, nl, failure_fn, batch, devices)
     keys = replica_keys(seed, R)
     momenta = None
     if start.velocities is not None:
@@ -902,7 +947,7 @@ def simulate(
     if out is not None:
         from .trajectory import TrajectoryWriter
 
-        meta = dict(protocol=protocol.to_dict(), model=model.name, seed=int(seed), batch=batch,
+        meta = dict(protocol=protocol.to_dict(), model=model.name, seed=int(seed), batch=batch, devices=devices,
                     frame_indices=list(start.frame_indices))
         meta.update(metadata or {})
         writer = TrajectoryWriter(out, start.numbers, eng.masses, start.cell, start.pbc, R, protocol.timestep_fs,
@@ -951,7 +996,7 @@ def simulate(
                 nl, nbrs_new, mult = _allocate_batch(
                     start.cell, start.pbc, model.cutoff, protocol.skin, mult * 1.5, np.asarray(carry[0].position)
                 )
-                eng, compiled = _engine(protocol, model, start, nl, failure_fn, batch)
+                eng, compiled = _engine(protocol, model, start, nl, failure_fn, batch, devices)
                 carry = (carry[0], nbrs_new) + tuple(carry[2:])
             jax.block_until_ready(new_carry)
             dt_c = time.perf_counter() - tc

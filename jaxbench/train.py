@@ -407,27 +407,43 @@ def _read_model(model) -> dict:
 _FN_CACHE: dict[str, tuple] = {}
 
 
-def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool):
+def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool, devices: int = 1):
     """Jitted (train_step, eval_sums) for this model, loss, optimizer and EMA; reused across `train` calls
-    with the same settings (the key holds everything the closures read), so tests and sweeps compile once."""
+    with the same settings (the key holds everything the closures read), so tests and sweeps compile once.
+
+    With `devices` > 1 the step is data-parallel: the batch comes split on a leading axis
+    (`FrameGraphs.sharded_batch`), each device takes the gradient of its part of the loss, normalised by
+    the whole batch's counts (the loss is a weighted sum of per-term sums / counts, so the parts add up
+    to the full batch's loss exactly), the gradients are summed across devices and every device applies
+    the same update: the same optimisation as one device, up to summation order."""
     import json
 
     key = json.dumps(dict(
         architecture=pot.card["architecture"], hp=pot.card["hyperparameters"], stats=pot.statistics.to_json(),
         loss=cfg.loss, delta=cfg.huber_delta, per_atom=cfg.energy_per_atom, opt=cfg.optimizer, wd=cfg.weight_decay, wd_on=cfg.weight_decay_on,
         clip=cfg.clip_grad, ema=cfg.ema, ema_decay=cfg.ema_decay, ema_num=cfg.ema_use_num_updates, stress=compute_stress,
+        devices=devices,
     ), sort_keys=True, default=str)
     if key in _FN_CACHE:
         return _FN_CACHE[key]
     ema_decay, use_num = cfg.ema_decay, cfg.ema_use_num_updates
+    axis = "batch" if devices > 1 else None
+
+    def total(x):
+        return jax.lax.psum(x, axis) if axis else x
 
     def train_step(state, graph, lr, weights, n_updates):
+        if axis:
+            graph = jax.tree.map(lambda x: x[0], graph)  # this device's part: [1, ...] -> [...]
+
         def loss_fn(p):
             out_ = pot(p, graph, compute_stress)
             sums = loss_sums(out_, graph, cfg)
-            return combine(sums, weights)["loss"], sums
+            counts = {k: jax.lax.stop_gradient(total(v)) for k, v in sums.items() if k.startswith("n_")}
+            return combine(dict(sums, **counts), weights)["loss"], sums
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        loss, sums, grads = total(loss), jax.tree.map(total, sums), jax.tree.map(total, grads)
         direction, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), state["params"], direction)
         new = dict(params=params, opt_state=opt_state)
@@ -436,7 +452,14 @@ def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool):
             new["ema_params"] = jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype), state["ema_params"], params)
         return new, loss, sums
 
-    fns = (jax.jit(train_step), jax.jit(lambda p, g: loss_sums(pot(p, g, compute_stress), g, cfg)), jax.jit(pot.module.init))
+    step = train_step
+    if axis:
+        from jax.sharding import Mesh, PartitionSpec as P
+
+        mesh = Mesh(np.asarray(jax.local_devices()[:devices]), (axis,))
+        step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(axis), P(), P(), P()), out_specs=(P(), P(), P()),
+                             check_vma=False)
+    fns = (jax.jit(step), jax.jit(lambda p, g: loss_sums(pot(p, g, compute_stress), g, cfg)), jax.jit(pot.module.init))
     if len(_FN_CACHE) > 8:
         _FN_CACHE.clear()
     _FN_CACHE[key] = fns
@@ -495,6 +518,8 @@ def train(
     progress: bool = True,
     data_dir=None,
     pause_after_checkpoint: float = 0.0,
+    devices: int | None = None,
+    swa_on_budget: bool = True,
 ) -> dict[str, Any]:
     """Train `model` (card name or card dict) on `dataset`; write the run directory `out` (see `jaxbench.runs`).
 
@@ -503,7 +528,11 @@ def train(
     frames of the splits (tests, budgets). `training` is merged over the card's training block.
     `checkpoint_every` (steps) / `checkpoint_every_s` (seconds) also write `last` inside an epoch.
     With `resume`, the run in `out` continues exactly where its last complete checkpoint left it
-    (budget / max_epochs may be raised). Returns a summary dict (run_dir, step, epoch, stop_reason,
+    (budget / max_epochs may be raised). `devices`: split every batch over this many local devices
+    (data-parallel, same updates as one device up to summation order; default: all local devices, at
+    most the batch size; on a CPU see `jaxbench.use_cpu_devices`). `swa_on_budget`: the second phase
+    starts at the card's fraction of the budget too (default), or only at its fraction of max_epochs
+    (False: the card's schedule, cut where the budget ends). Returns a summary dict (run_dir, step, epoch, stop_reason,
     best_metric, elapsed_s).
     """
     from . import data
@@ -529,6 +558,9 @@ def train(
         budget_s = parse_duration(budget) if budget is not None else stored.get("budget_s")
         max_epochs = max_epochs if max_epochs is not None else stored.get("max_epochs")
         checkpoint_every = checkpoint_every if checkpoint_every is not None else stored.get("checkpoint_every")
+        swa_on_budget = bool(stored.get("swa_on_budget", swa_on_budget))
+        if devices is None and stored.get("devices"):  # same data-parallel split as before, where possible
+            devices = min(int(stored["devices"]), len(jax.local_devices()))
         cfg = TrainingConfig.from_card(card)
     else:
         if model is None or dataset is None:
@@ -589,17 +621,22 @@ def train(
     compute_stress = has_stress and any(w["stress"] > 0 or w["virials"] > 0 for w in phase_weights)
     vbs = min(cfg.valid_batch_size, len(val_frames))
     bs = cfg.batch_size
+    n_local = len(jax.local_devices())
+    if devices is not None and not (isinstance(devices, int) and 1 <= devices <= n_local):
+        raise ConfigError(f"devices must be an integer from 1 to the {n_local} local device(s), got {devices!r}")
+    n_dev = min(n_local if devices is None else devices, bs)
     steps_per_epoch = math.ceil(len(train_frames) / bs)
     swa_epoch = None
     if cfg.swa and max_epochs is not None:
         swa_epoch = max(1, int(max_epochs * cfg.swa["start_fraction"]))
-    swa_time = cfg.swa["start_fraction"] * budget_s if (cfg.swa and budget_s is not None) else None
+    swa_time = cfg.swa["start_fraction"] * budget_s if (cfg.swa and budget_s is not None and swa_on_budget) else None
 
     # ---- run directory ------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
     config = dict(dtype=dtype, budget_s=budget_s, max_epochs=max_epochs, checkpoint_every=checkpoint_every,
                   checkpoint_every_s=checkpoint_every_s, training=cfg.to_json(), compute_stress=compute_stress,
-                  steps_per_epoch=steps_per_epoch, swa_start_epoch=swa_epoch, swa_start_s=swa_time)
+                  steps_per_epoch=steps_per_epoch, swa_start_epoch=swa_epoch, swa_start_s=swa_time, swa_on_budget=swa_on_budget,
+                  devices=n_dev)
     if not resume:
         runs.write_json(out / "card.json", card)
         runs.write_json(out / "statistics.json", stats.to_json())
@@ -612,7 +649,7 @@ def train(
     jdtype = jnp.dtype(dtype)
     init_graph = _cast_graph(fg_train.batch(np.arange(bs), n_graph=bs), dtype)
     tx = make_optimizer(cfg)
-    fns = _step_functions(pot, cfg, tx, compute_stress)
+    fns = _step_functions(pot, cfg, tx, compute_stress, n_dev)
     params = _init_params(pot, fns[2], jax.random.PRNGKey(seed), init_graph, jdtype)
     state = dict(params=params, opt_state=tx.init(params))
     if cfg.ema:
@@ -657,6 +694,8 @@ def train(
 
     def validate(weights):
         p = inference_params()
+        if n_dev > 1:  # the step leaves the weights replicated on every device; evaluate on one
+            p = jax.device_put(p, jax.local_devices()[0])
         acc = {}
         for g in val_batches:
             _add(acc, jax.device_get(eval_fn(p, g)))
@@ -702,6 +741,26 @@ def train(
     def elapsed():
         return time.perf_counter() - t_start
 
+    pending = None  # (loss, sums, step, epoch, batch) of the last step dispatched, not yet checked
+
+    def settle():
+        """Check the last dispatched step's loss (NaN stops the run, naming that step) and add its sums
+        to the epoch's; returns its loss (None if nothing was pending). Runs before anything is saved."""
+        nonlocal pending
+        if pending is None:
+            return None
+        loss_d, sums_d, step_k, epoch_k, batch_k = pending
+        pending = None
+        loss = float(loss_d)
+        if not math.isfinite(loss):
+            runs.append_jsonl(out / "log.jsonl", dict(event="nan", step=step_k, epoch=epoch_k, batch=batch_k, loss=str(loss),
+                                                       time=time.time()))
+            raise TrainingDivergedError(
+                f"loss is {loss} at step {step_k} (epoch {epoch_k}, batch {batch_k}); stopped. "
+                f"The last good checkpoint in {out / 'checkpoints'} is kept.", step=step_k, run_dir=str(out))
+        host["epoch_sums"] = _add(dict(host["epoch_sums"]), jax.device_get(sums_d))
+        return loss
+
     def maybe_enter_phase2():
         if not cfg.swa or host["phase"] == 2:
             return False
@@ -724,23 +783,21 @@ def train(
             t_epoch = time.perf_counter() - host["epoch_time_s"]
             for b in range(host["batch_in_epoch"], steps_per_epoch):
                 idx = order[b * bs : (b + 1) * bs]
-                graph = _cast_graph(fg_train.batch(idx, n_graph=bs), dtype)
+                if n_dev > 1:
+                    graph = _cast_graph(fg_train.sharded_batch(idx, n_dev, n_graph=bs), dtype)
+                else:
+                    graph = _cast_graph(fg_train.batch(idx, n_graph=bs), dtype)
                 lr = lr_at(host["step"])
                 # the SWA average is not an input of the step (it changes once per epoch, on the host side)
                 trained = {k: v for k, v in state.items() if k != "swa_params"}
                 new_state, loss, sums = step_fn(trained, graph, lr, weights, float(host["step"] + 1))
-                loss = float(loss)
-                if not math.isfinite(loss):
-                    runs.append_jsonl(out / "log.jsonl", dict(event="nan", step=host["step"] + 1, epoch=host["epoch"],
-                                                               batch=b, loss=str(loss), time=time.time()))
-                    raise TrainingDivergedError(
-                        f"loss is {loss} at step {host['step'] + 1} (epoch {host['epoch']}, batch {b}); stopped. "
-                        f"The last good checkpoint in {out / 'checkpoints'} is kept.", step=host["step"] + 1, run_dir=str(out))
+                # the previous step's loss is read while this one runs: no host round trip between steps
+                last_loss = settle()
+                pending = (loss, sums, host["step"] + 1, host["epoch"], b)
                 state = dict(state, **new_state)
                 host["step"] += 1
                 host["batch_in_epoch"] = b + 1
                 host["lr"] = lr if cfg.scheduler["name"] == "cosine" else host["lr"]
-                host["epoch_sums"] = _add(dict(host["epoch_sums"]), jax.device_get(sums))
                 host["elapsed_s"] = elapsed()
                 host["epoch_time_s"] = time.perf_counter() - t_epoch
                 bar.update(1)
@@ -749,7 +806,7 @@ def train(
                     rate = (host["step"] - step0) / max(time.perf_counter() - t_session, 1e-9)
                     est = host["step"] + int(rate * max(budget_s - elapsed(), 0.0))
                     bar.total = min(est, total_steps) if total_steps else est
-                post = dict(ep=host["epoch"], loss=f"{loss:.4g}", lr=f"{lr:.2e}", ph=host["phase"])
+                post = dict(ep=host["epoch"], loss="-" if last_loss is None else f"{last_loss:.4g}", lr=f"{lr:.2e}", ph=host["phase"])
                 if budget_s is not None:
                     post["left"] = f"{max(budget_s - elapsed(), 0) / 60:.1f}m"
                 bar.set_postfix(post, refresh=False)
@@ -760,10 +817,12 @@ def train(
                     (checkpoint_every and host["step"] % checkpoint_every == 0)
                     or (checkpoint_every_s and time.perf_counter() - t_last_ckpt >= checkpoint_every_s)
                 ):
+                    settle()
                     save("last")
                     t_last_ckpt = time.perf_counter()
                     if pause_after_checkpoint:
                         time.sleep(pause_after_checkpoint)
+            settle()
             if stop_reason == "budget" and host["batch_in_epoch"] < steps_per_epoch:
                 # partial epoch: keep the position so that a resume with a larger budget continues it
                 val = validate(weights)

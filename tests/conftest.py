@@ -13,8 +13,13 @@ from pathlib import Path
 import jax
 import pytest
 
+import jaxbench
+
 # Tests check physics to 1e-6 and beyond: float64 everywhere unless a test asks for float32.
 jax.config.update("jax_enable_x64", True)
+# Two CPU devices, as the CLI sets up on a 2-core machine: simulations with several replicas go through
+# the device-sharded layout by default (tests compare it with devices=1).
+jaxbench.use_cpu_devices(2)
 
 REPO = Path(__file__).resolve().parents[1]
 

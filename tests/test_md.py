@@ -150,8 +150,11 @@ def test_replicas_reproducible_independent_and_batching_modes():
     a = md.simulate(LJ, st3, p, seed=7, progress=False).arrays
     # same seeds: same trajectories, whether replicas are lax.map-ped or vmapped (batched step
     # with one outer rebuild cond, or a plain vmap of the per-replica chunk)
-    for mode in ("vmap", "vmap_select"):
-        b = md.simulate(LJ, st3, p, seed=7, progress=False, batch=mode).arrays
+    # and whether they run on one device or are split over two (3 replicas: one padding copy)
+    assert len(jax.local_devices()) == 2
+    for mode, devices in (("vmap", None), ("vmap_select", None), ("map", 1), ("vmap", 1)):
+        b = md.simulate(LJ, st3, p, seed=7, progress=False, batch=mode, devices=devices).arrays
+        assert b["position"].shape[0] == 3
         np.testing.assert_allclose(a["position"], b["position"], atol=1e-9)
         np.testing.assert_allclose(a["temperature"], b["temperature"], rtol=1e-9)
     # distinct replicas: different velocities from the start
@@ -238,6 +241,11 @@ def test_failure_freezes_one_replica_others_go_on():
     res_v = md.simulate(LJ, st2, p, seed=0, progress=False, batch="vmap")
     assert list(res_v.failed) == [False, True] and res_v.failure_step[1] == k
     np.testing.assert_allclose(res_v.arrays["position"], a["position"], atol=1e-9)
+    # and so do both layouts on one device (the default splits the two replicas over two devices)
+    for batch in ("map", "vmap"):
+        one = md.simulate(LJ, st2, p, seed=0, progress=False, batch=batch, devices=1)
+        assert list(one.failed) == [False, True] and one.failure_step[1] == k
+        np.testing.assert_allclose(one.arrays["position"], a["position"], atol=1e-9)
 
 
 def test_bond_criterion_for_molecules_and_failure_hook():

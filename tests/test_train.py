@@ -27,7 +27,7 @@ def tiny_card(**training):
     card = model_card("nequip-small")
     card["name"] = "nequip-tiny"
     card["hyperparameters"].update(num_layers=2, l_max=1)
-    card["training"].update(batch_size=2, valid_batch_size=2, **training)
+    card["training"].update(dict(dict(batch_size=2, valid_batch_size=2), **training))
     card.pop("_path", None)
     return card
 
@@ -444,3 +444,28 @@ def test_plateau_schedule_warmup_scales_the_first_steps(tmp_path):
     moved = d[d > 0.1]
     assert len(moved) > 0.5 * len(d)
     np.testing.assert_allclose(np.median(moved), 0.75, rtol=1e-3)
+
+
+@requires_data
+def test_data_parallel_training_equals_one_device(tmp_path):
+    """Batches of 3 split over the two test devices (2 + 1 frames; the short last batch of 2: 1 + 1) give
+    the same updates as one device: the gradient of each part is normalised by the whole batch's counts."""
+    assert len(jax.local_devices()) == 2
+    card = tiny_card(batch_size=3)
+    kw = dict(KW, n_train=5, checkpoint_every=None, dtype="float64")
+    one = train(model=card, max_epochs=2, out=tmp_path / "one", budget=None, devices=1, **kw)
+    two = train(model=card, max_epochs=2, out=tmp_path / "two", budget=None, **kw)
+    assert one["step"] == two["step"] == 4
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == 2
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["devices"] == 1
+    a = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "one", "last"))
+    b = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "two", "last"))
+    np.testing.assert_allclose(flat(b["params"]), flat(a["params"]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flat(b["opt_state"]), flat(a["opt_state"]), rtol=1e-9, atol=1e-12)
+    la = [r for r in runs.read_log(tmp_path / "one") if r.get("event") == "epoch"]
+    lb = [r for r in runs.read_log(tmp_path / "two") if r.get("event") == "epoch"]
+    for ra, rb in zip(la, lb):
+        assert ra["train"]["loss"] == pytest.approx(rb["train"]["loss"], rel=1e-9)
+        assert ra["val"]["forces_mae_meV_A"] == pytest.approx(rb["val"]["forces_mae_meV_A"], rel=1e-9)
+    with pytest.raises(ConfigError, match="devices"):
+        train(model=card, max_epochs=1, out=tmp_path / "three", budget=None, devices=3, **kw)

@@ -227,14 +227,18 @@ def _multisets(dim: int, nu: int) -> list[tuple[int, ...]]:
     return [t + (c,) for c in range(dim) for t in prev[: comb(c + nu - 1, nu - 1)]]
 
 
-def _monomials(a: jax.Array, correlation: int) -> list[jax.Array]:
-    """[x, x^(x)2, ...] of a [N, dim, C] restricted to sorted index tuples (colex order, axis 1):
-    products of static slices, no gathers (whose scatter-add transposes are slow on CPU)."""
-    dim = a.shape[1]
+def _monomials(a: jax.Array, correlation: int, axis: int = 1) -> list[jax.Array]:
+    """[x, x^(x)2, ...] of `a` along `axis` (the irreps components) restricted to sorted index tuples
+    (colex order): products of static slices, no gathers (whose scatter-add transposes are slow on CPU)."""
+    dim = a.shape[axis]
+
+    def take(x, lo, hi):
+        return jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+
     out = [a]
     for nu in range(2, correlation + 1):
         prev = out[-1]
-        out.append(jnp.concatenate([prev[:, : comb(c + nu - 1, nu - 1)] * a[:, c : c + 1] for c in range(dim)], 1))
+        out.append(jnp.concatenate([take(prev, 0, comb(c + nu - 1, nu - 1)) * take(a, c, c + 1) for c in range(dim)], axis))
     return out
 
 
@@ -346,6 +350,7 @@ class SymmetricContraction(nn.Module):
 
     def _dense(self, a, onehot, weights, bases, irreps_out):
         n, dim, C = a.shape
+        S = self.num_species
         sizes = [comb(dim + nu - 1, nu) for nu in range(1, self.correlation + 1)]
         blocks_ir = []
         for _, ir in irreps_out:
@@ -353,16 +358,21 @@ class SymmetricContraction(nn.Module):
             for nu in range(1, self.correlation + 1):
                 if (nu, ir) in bases:
                     u = jnp.asarray(bases[(nu, ir)], a.dtype)
-                    blocks.append(jnp.einsum("mki,skc->smic", u, weights[(nu, ir)]))
+                    blocks.append(jnp.einsum("mki,skc->cmsi", u, weights[(nu, ir)]))
                 else:
-                    blocks.append(jnp.zeros((self.num_species, sizes[nu - 1], ir.dim, C), a.dtype))
+                    blocks.append(jnp.zeros((C, sizes[nu - 1], S, ir.dim), a.dtype))
             blocks_ir.append(jnp.concatenate(blocks, axis=1))
-        G = jnp.concatenate(blocks_ir, axis=2)  # [S, M, D_out, C]
+        # [C, M, S * D_out]: channel-major, the batch axis of the matmul below, built once outside the
+        # atom loop (in [S, M, D, C] XLA re-laid the 3 MB tensor out for every block, forward and backward)
+        G = jnp.concatenate(blocks_ir, axis=3).reshape(C, sum(sizes), -1)
+        D = G.shape[-1] // S
 
         def contract(a, onehot):
-            mono = jnp.concatenate(_monomials(a, self.correlation), axis=1)  # [b, M, C]
-            out = jnp.einsum("nmc,smic->nsic", mono, G)
-            return jnp.einsum("nsic,ns->nci", out, onehot)
+            x = jnp.transpose(a, (2, 0, 1))  # [C, b, dim]
+            mono = jnp.concatenate(_monomials(x, self.correlation, axis=2), axis=2)  # [C, b, M]
+            out = jax.lax.dot_general(mono, G, (((2,), (1,)), ((0,), (0,))))  # [C, b, S * D]
+            out = out.reshape(C, -1, S, D)
+            return jnp.einsum("cbsi,bs->bci", out, onehot)
 
         n_blocks = -(-n // self.block)
         b = -(-n // n_blocks)  # balanced blocks of at most `block` atoms
