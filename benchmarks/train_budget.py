@@ -3,7 +3,10 @@
 Each model is trained with `jaxbench.train` on the dataset's own split (md17-ethanol: 950 train / 50
 val / 1000 test, EGraFFBench's) for `--budget` of wall-clock time (default 60 min each; the card's
 protocol otherwise: loss, optimizer, schedule, EMA, and for MACE the second (SWA) phase, which starts at
-75% of the budget), then its best checkpoint is evaluated on the test split (`jaxbench.evaluate`).
+75% of the budget, or with `--swa-start epochs` at the card's epoch, 75% of max_epochs = 1125, i.e. never
+within an hour: the card's schedule cut at the budget), then its best checkpoint is evaluated on the test
+split (`jaxbench.evaluate`). Training steps are data-parallel over one CPU device per core
+(`jaxbench.use_cpu_devices`).
 The table puts the test energy and force MAE next to EGraFFBench Table 1 and checks the issue's bar:
 force MAE within 3x of the paper's value. The budget is the wall time of the training loop, jit
 compilation of the first steps included (about a minute for the MACE card on 2 cores); loading the data,
@@ -12,7 +15,7 @@ the bar.
 
 Usage:
   .venv/bin/python benchmarks/train_budget.py [--budget 60m] [--models nequip,mace] [--out runs/budget]
-        [--dtype float32] [--seed 0] [--n-test N] [--resume] [--md FILE] [--json FILE]
+        [--dtype float32] [--seed 0] [--n-test N] [--resume] [--swa-start budget|epochs] [--md FILE] [--json FILE]
 
 A finished model's run directory is reused when --resume is given (a run stopped by its budget can be
 continued with a larger --budget the same way).

@@ -7,7 +7,8 @@ update, on a batch that is already assembled (the data pipeline is timed separat
   jaxbench    the jitted step `jaxbench.train` trains with (`_step_functions`), EGraFFBench card `mace`:
               WeightedEnergyForcesLoss weights (energy per atom 1, forces 10), AMSGrad lr 0.01, weight
               decay 5e-7 on the card's `weight_decay_on` leaves, clip 10, EMA 0.99; padded batches as
-              `train` builds them.
+              `train` builds them, split over the CPU devices as `train` does (one device per core,
+              `jaxbench.use_cpu_devices`; data-parallel, at most one device per frame; `--devices 1`: off).
   mace-torch  `mace.tools.train.take_step` (the step mace-torch's run_train loops over) on
               `ScaleShiftMACE` built with the card's hyperparameters (as benchmarks/param_counts.py does:
               RealAgnosticInteractionBlock first, residual blocks after; mace-torch's training CLI default
@@ -142,7 +143,7 @@ def _version(name):
 # =============================================================================================
 # JAX side (project venv)
 # =============================================================================================
-def jax_throughput(card, frames, batch_size: int, steps: int, warmup: int, dtype: str) -> dict:
+def jax_throughput(card, frames, batch_size: int, steps: int, warmup: int, dtype: str, devices: int = 1) -> dict:
     import jax
     import numpy as np
 
@@ -158,15 +159,21 @@ def jax_throughput(card, frames, batch_size: int, steps: int, warmup: int, dtype
     fg = build_graphs(frames, r_max)
     n_batches = len(frames) // batch_size
 
+    devices = max(1, min(devices, batch_size, len(jax.local_devices())))
+
     def assemble(i):
-        return _cast_graph(fg.batch(np.arange(i * batch_size, (i + 1) * batch_size), n_graph=batch_size), dtype)
+        idx = np.arange(i * batch_size, (i + 1) * batch_size)
+        if devices > 1:  # as `jaxbench.train`: the batch split over the devices, data-parallel step
+            return _cast_graph(fg.sharded_batch(idx, devices, n_graph=batch_size), dtype)
+        return _cast_graph(fg.batch(idx, n_graph=batch_size), dtype)
 
     t0 = time.perf_counter()
     batches = [assemble(i) for i in range(n_batches)]
     t_assemble = (time.perf_counter() - t0) / n_batches
     tx = make_optimizer(cfg)
-    step_fn, _eval, init_fn = _step_functions(pot, cfg, tx, compute_stress=False)
-    params = _init_params(pot, init_fn, jax.random.PRNGKey(0), batches[0], np.dtype(dtype))
+    step_fn, _eval, init_fn = _step_functions(pot, cfg, tx, compute_stress=False, devices=devices)
+    params = _init_params(pot, init_fn, jax.random.PRNGKey(0), _cast_graph(fg.batch(np.arange(batch_size), n_graph=batch_size), dtype),
+                          np.dtype(dtype))
     state = dict(params=params, opt_state=tx.init(params), ema_params=params)
     weights = cfg.weights
     t0 = time.perf_counter()
@@ -180,8 +187,8 @@ def jax_throughput(card, frames, batch_size: int, steps: int, warmup: int, dtype
         state, loss, sums = step_fn(state, batches[i % n_batches], cfg.learning_rate, weights, float(warmup + i + 1))
         float(loss)  # the training loop reads the loss every step (NaN check): include the sync
         times.append(time.perf_counter() - t0)
-    return dict(times=times, assemble_s=t_assemble, warmup_s=t_compile, params=pot.num_parameters(params),
-                n_batches=n_batches, shapes=sorted({(int(b.positions.shape[0]), int(b.senders.shape[0])) for b in batches}))
+    return dict(times=times, assemble_s=t_assemble, warmup_s=t_compile, params=pot.num_parameters(params), devices=devices,
+                n_batches=n_batches, shapes=sorted({tuple(b.positions.shape[:-1]) + tuple(b.senders.shape) for b in batches}))
 
 
 def frames_for_torch(frames) -> list[dict]:
@@ -226,17 +233,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case and code")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--devices", type=int, help="split each jaxbench batch over this many CPU devices, as `jaxbench train` "
+                    "does (default: one per core, at most the batch size)")
     ap.add_argument("--md", help="also write the table and the command to this markdown file")
     ap.add_argument("--json", help="also write the raw timings")
     args = ap.parse_args(argv)
     if args.torch_worker:
         torch_worker()
         return 0
-    if args.dtype == "float64":
-        import jax
+    import jaxbench
 
-        jax.config.update("jax_enable_x64", True)
+    jaxbench.use_cpu_devices(args.devices)
     import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
     import numpy as np
 
     from jaxbench import data
@@ -253,7 +264,8 @@ def main(argv=None) -> int:
         n_frames = bs * max(4, min(args.steps, 10))  # a few distinct batches, cycled
         frames = data.load(name, "train")[np.arange(n_frames)]
         print(f"[{name} batch {bs}] jaxbench ...", file=sys.stderr, flush=True)
-        jx = jax_throughput(card, frames, bs, args.steps, args.warmup, args.dtype)
+        jx = jax_throughput(card, frames, bs, args.steps, args.warmup, args.dtype,
+                            devices=args.devices or len(jax.local_devices()))
         spec = dict(hyperparameters=card["hyperparameters"], species=sorted(set(int(z) for z in frames.numbers)),
                     training=dict(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   loss_weights=cfg.weights, clip_grad=cfg.clip_grad, ema=cfg.ema, ema_decay=cfg.ema_decay),
@@ -265,7 +277,7 @@ def main(argv=None) -> int:
         rows.append(dict(dataset=name, batch=bs, atoms=int(frames.n_atoms[0]), jax_fps=j_fps, torch_fps=t_fps,
                          jax_ms=1e3 * _median(jx["times"]), torch_ms=1e3 * _median(tt["times"]) if t_fps else None,
                          best_ratio=(min(tt["times"]) / min(jx["times"])) if t_fps else None,
-                         assemble_ms=1e3 * jx["assemble_s"], compile_s=jx["warmup_s"], jax_params=jx["params"],
+                         assemble_ms=1e3 * jx["assemble_s"], compile_s=jx["warmup_s"], jax_params=jx["params"], jax_devices=jx["devices"],
                          torch_params=tt.get("params"), error=tt.get("error"), versions=tt.get("versions"),
                          torch_threads=tt.get("threads"), torch_step_ms_by_threads=tt.get("step_ms_by_threads")))
         raw.append(dict(case=case, jaxbench=jx, torch=tt))
@@ -276,15 +288,15 @@ def main(argv=None) -> int:
         f"{args.warmup} warm-up steps; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
         f"jax {jax.__version__} ({jax.default_backend()}), torch {versions.get('torch')}, mace-torch {versions.get('mace-torch')}.",
         "",
-        "| dataset | atoms | batch | jaxbench frames/s | mace-torch frames/s | ratio jaxbench / mace-torch | ratio, fastest steps | jaxbench ms/step | mace-torch ms/step | jaxbench batch assembly ms | jaxbench compile s | params jaxbench / mace-torch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | atoms | batch | jaxbench devices | jaxbench frames/s | mace-torch frames/s | ratio jaxbench / mace-torch | ratio, fastest steps | jaxbench ms/step | mace-torch ms/step | jaxbench batch assembly ms | jaxbench compile s | params jaxbench / mace-torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["torch_fps"] is None:
-            lines.append(f"| {r['dataset']} | {r['atoms']} | {r['batch']} | {r['jax_fps']:.2f} | error: {r['error']} | - | - | "
+            lines.append(f"| {r['dataset']} | {r['atoms']} | {r['batch']} | {r['jax_devices']} | {r['jax_fps']:.2f} | error: {r['error']} | - | - | "
                          f"{r['jax_ms']:.1f} | - | {r['assemble_ms']:.2f} | {r['compile_s']:.0f} | {r['jax_params']:,} / - |")
             continue
-        lines.append(f"| {r['dataset']} | {r['atoms']} | {r['batch']} | {r['jax_fps']:.2f} | {r['torch_fps']:.2f} | "
+        lines.append(f"| {r['dataset']} | {r['atoms']} | {r['batch']} | {r['jax_devices']} | {r['jax_fps']:.2f} | {r['torch_fps']:.2f} | "
                      f"{r['jax_fps'] / r['torch_fps']:.2f} | {r['best_ratio']:.2f} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | "
                      f"{r['assemble_ms']:.2f} | {r['compile_s']:.0f} | "
                      f"{r['jax_params']:,} / {r['torch_params']:,} |")

@@ -385,7 +385,8 @@ def bench(
     spd = M.speed(n_atoms * proto.replicas, steady_steps, steady, proto.timestep_fs) if steady and steady_steps else \
         M.speed(n_atoms * proto.replicas, sim.steps_done, timings["total_s"], proto.timestep_fs)
     res["simulation"] = {
-        "trajectory": str(sim.path), "replicas": proto.replicas, "steps": int(sim.steps_done), "atoms": int(n_atoms),
+        "trajectory": str(sim.path), "replicas": proto.replicas, "devices": int(sim.devices), "steps": int(sim.steps_done),
+        "atoms": int(n_atoms),
         "frames_saved": int(n_saved), "frame_interval_fs": dt_frame, "start_frames": list(start.frame_indices or []),
         "failed": [bool(x) for x in sim.failed], "failure_time_fs": [None if not np.isfinite(x) else float(x)
                                                                     for x in sim.failure_time_fs],

@@ -349,9 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import use_cpu_devices
+    if args.command in ("simulate", "train", "evaluate", "quickstart", "bench"):
+        from . import use_cpu_devices
 
-    use_cpu_devices()  # replicas of `simulate` / `bench` run one share per core
+        use_cpu_devices()  # one XLA device per core: replicas / batch parts run one share per core
     try:
         return int(args.func(args) or 0)
     except JaxbenchError as e:

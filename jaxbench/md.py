@@ -11,8 +11,10 @@ Temperature uses 3N degrees of freedom (as jax-md's thermostats and ASE do). The
 energy) for NVT Nosé–Hoover, and plain PE + KE (not conserved) for Langevin.
 
 Engine (:func:`simulate`): the rollout is a jitted ``lax.scan`` over the steps of one chunk with the
-neighbor list updated inside; replicas are one batch (``lax.map`` by default, ``vmap`` on request; see
-the report / BENCHMARKS.md). Between chunks the host checks neighbor-list overflow (re-allocates with
+neighbor list updated inside; replicas are one batch (``lax.map`` by default, ``vmap`` on request),
+split over the local devices with ``shard_map`` (on a CPU made into one device per core by
+:func:`jaxbench.use_cpu_devices`, as the CLI does: 1.5x the throughput of one device on 2 cores;
+BENCHMARKS.md). Between chunks the host checks neighbor-list overflow (re-allocates with
 more capacity and re-runs the chunk from its start state), appends the chunk to the H5MD file and
 updates a progress bar. Only one chunk of frames lives in memory unless arrays are requested.
 
@@ -850,6 +852,7 @@ class MDResult:
     capacity: int = 0  # neighbor-list slots per replica (pairs within cutoff + skin)
     edge_capacity: int = 0  # edge slots the model saw per replica (pairs within cutoff), 0: all slots
     seed: int = 0
+    devices: int = 1  # the replicas were split over this many devices
 
     @property
     def failure_time_fs(self) -> np.ndarray:
@@ -1046,6 +1049,7 @@ def simulate(
         capacity=int(carry[1].senders.shape[-1]),
         edge_capacity=int(carry[1].edge_capacity),
         seed=int(seed),
+        devices=devices,
     )
 
 

@@ -147,7 +147,9 @@ def test_thermostat_20ps_every_replica(ensemble):
 def test_replicas_reproducible_independent_and_batching_modes():
     st3 = argon(2, replicas=3, jitter=0.02)
     p = proto(ensemble="nvt_langevin", steps=100, chunk_steps=50, replicas=3)
-    a = md.simulate(LJ, st3, p, seed=7, progress=False).arrays
+    res = md.simulate(LJ, st3, p, seed=7, progress=False)
+    a = res.arrays
+    assert res.devices == 2 and list(res.failed) == [False] * 3
     # same seeds: same trajectories, whether replicas are lax.map-ped or vmapped (batched step
     # with one outer rebuild cond, or a plain vmap of the per-replica chunk)
     # and whether they run on one device or are split over two (3 replicas: one padding copy)
