@@ -278,8 +278,13 @@ def _rollout_ase(calc, start, protocol, seed: int, masses=None):
         if protocol.ensemble == "nve":
             dyn = VelocityVerlet(atoms, timestep=dt)
         elif protocol.ensemble == "nvt_langevin":
+            # centre of mass held by a FixCom constraint (ASE >= 3.28: Langevin's own fixcm is deprecated
+            # because it does not sample NVT exactly)
+            from ase.constraints import FixCom
+
+            atoms.set_constraint(FixCom())
             dyn = Langevin(atoms, timestep=dt, temperature_K=protocol.temperature_K,
-                           friction=protocol.friction_per_fs / u.fs, fixcm=True, rng=np.random.default_rng([seed, r]))
+                           friction=protocol.friction_per_fs / u.fs, fixcm=False, rng=np.random.default_rng([seed, r]))
         else:
             tau_fs = 100.0 * protocol.timestep_fs if protocol.tau_fs is None else protocol.tau_fs
             dyn = NoseHooverChainNVT(atoms, timestep=dt, temperature_K=protocol.temperature_K, tdamp=tau_fs * u.fs,
