@@ -652,7 +652,9 @@ class _Engine:
         dropped again on the way out."""
         import jax
         import jax.numpy as jnp
-        from jax.sharding import Mesh, PartitionSpec as P
+        from jax.sharding import PartitionSpec as P
+
+        from .devices import mesh
 
         R = carry[2].shape[0]
         n_dev = self.devices
@@ -665,9 +667,8 @@ class _Engine:
         if pad:
             reason = carry_p[2].at[R:].set(PADDING_REPLICA)
             carry_p = carry_p[:2] + (reason,) + tuple(carry_p[3:])
-        mesh = Mesh(np.asarray(jax.local_devices()[:n_dev]), ("replica",))
         local = jax.shard_map(
-            lambda p, c, b: self.run_chunk_local(p, c, b, n_save), mesh=mesh,
+            lambda p, c, b: self.run_chunk_local(p, c, b, n_save), mesh=mesh(n_dev, "replica"),
             in_specs=(P(), P("replica"), P("replica")), out_specs=(P("replica"), P("replica")), check_vma=False,
         )
         new_carry, obs = local(params, carry_p, bonds_p)
@@ -913,14 +914,13 @@ def simulate(
     import jax
     import jax.numpy as jnp
 
+    from .devices import count as device_count
+
     _require_x64()
     protocol = protocol.validate()
     model = as_energy_model(model, params=params, cutoff=cutoff)
     if batch not in ("map", "vmap", "vmap_select"):
         raise JaxbenchError(f"batch must be 'map', 'vmap' or 'vmap_select', got '{batch}'")
-    n_local = len(jax.local_devices())
-    if devices is not None and not (isinstance(devices, int) and 1 <= devices <= n_local):
-        raise JaxbenchError(f"devices must be an integer from 1 to the {n_local} local device(s), got {devices!r}")
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not overwrite:
         raise JaxbenchError(f"output {out} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
@@ -928,7 +928,7 @@ def simulate(
     _as_hook(failure_fn)  # a wrong kind of criterion is named before any compute
     keep_arrays = out is None if keep_arrays is None else keep_arrays
     R, N = start.n_replicas, start.n_atoms
-    devices = min(n_local, R) if devices is None else min(devices, R)
+    devices = device_count(devices, R, JaxbenchError)
     t0 = time.perf_counter()
 
     nl, nbrs, mult = _allocate_batch(

@@ -454,10 +454,11 @@ def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool, devices:
 
     step = train_step
     if axis:
-        from jax.sharding import Mesh, PartitionSpec as P
+        from jax.sharding import PartitionSpec as P
 
-        mesh = Mesh(np.asarray(jax.local_devices()[:devices]), (axis,))
-        step = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(axis), P(), P(), P()), out_specs=(P(), P(), P()),
+        from .devices import mesh
+
+        step = jax.shard_map(train_step, mesh=mesh(devices, axis), in_specs=(P(), P(axis), P(), P(), P()), out_specs=(P(), P(), P()),
                              check_vma=False)
     fns = (jax.jit(step), jax.jit(lambda p, g: loss_sums(pot(p, g, compute_stress), g, cfg)), jax.jit(pot.module.init))
     if len(_FN_CACHE) > 8:
@@ -536,6 +537,7 @@ def train(
     best_metric, elapsed_s).
     """
     from . import data
+    from .devices import count as device_count
     from .graph import build_graphs
     from .potential import Potential, model_card
     from .stats import DatasetStatistics, compute_statistics
@@ -621,10 +623,7 @@ def train(
     compute_stress = has_stress and any(w["stress"] > 0 or w["virials"] > 0 for w in phase_weights)
     vbs = min(cfg.valid_batch_size, len(val_frames))
     bs = cfg.batch_size
-    n_local = len(jax.local_devices())
-    if devices is not None and not (isinstance(devices, int) and 1 <= devices <= n_local):
-        raise ConfigError(f"devices must be an integer from 1 to the {n_local} local device(s), got {devices!r}")
-    n_dev = min(n_local if devices is None else devices, bs)
+    n_dev = device_count(devices, bs, ConfigError)
     steps_per_epoch = math.ceil(len(train_frames) / bs)
     swa_epoch = None
     if cfg.swa and max_epochs is not None:

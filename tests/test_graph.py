@@ -100,6 +100,27 @@ def test_batched_equals_one_by_one(mixed_frames):
     np.testing.assert_allclose(batched, single, rtol=1e-12)
 
 
+@requires_data
+def test_sharded_batch_parts_hold_the_frames_in_order(mixed_frames):
+    """Data-parallel batches: consecutive parts, one padded shape, each part's per-frame energies equal to
+    the frames' own (and room for the full batch size when the batch is short)."""
+    fg = build_graphs(mixed_frames, RC)
+    energy_fn = jax.jit(lj_energy)
+    single = np.array([np.asarray(energy_fn(fg.batch([f])))[0] for f in range(len(fg))])
+    idx = np.array([4, 0, 6, 2, 7])
+    sharded = fg.sharded_batch(idx, 2, n_graph=6)
+    assert sharded.positions.shape[0] == 2 and sharded.senders.shape[0] == 2
+    parts = [jax.tree.map(lambda x: x[k], sharded) for k in range(2)]
+    assert parts[0].num_graphs == parts[1].num_graphs >= 3 + 1  # room for 6 / 2 frames and a padding graph
+    got = []
+    for g in parts:
+        n_real = int(np.sum(g.graph_mask))
+        got += list(np.asarray(energy_fn(g))[:n_real])
+        assert int(np.sum(g.node_mask)) == int(np.sum(g.n_node[:n_real]))
+    np.testing.assert_allclose(got, single[idx], rtol=1e-12)
+    assert [int(np.sum(g.graph_mask)) for g in parts] == [3, 2]
+
+
 def test_padding_policy_ladder():
     p = PaddingPolicy(growth=1.25, node_multiple=16, edge_multiple=128)
     seen = set()

@@ -123,6 +123,9 @@ def test_jax_reference_rollout_and_scaled_oracle():
     assert np.all(np.isfinite(ase_ref["position"])) and not ase_ref["failed"].any()
     np.testing.assert_allclose(ase_ref["position"][:, 0], res.arrays["position"][:, 0])
     assert 40 < ase_ref["temperature"][:, 1:].mean() < 300
+    # its centre of mass stays put (FixCom; equal masses: the mean position), as ours (zero total momentum)
+    com = ase_ref["position"].mean(axis=2)
+    np.testing.assert_allclose(com, np.broadcast_to(com[:, :1], com.shape), atol=1e-9)
 
 
 def test_oracle_input_errors(nve_run, tmp_path):

@@ -469,3 +469,19 @@ def test_data_parallel_training_equals_one_device(tmp_path):
         assert ra["val"]["forces_mae_meV_A"] == pytest.approx(rb["val"]["forces_mae_meV_A"], rel=1e-9)
     with pytest.raises(ConfigError, match="devices"):
         train(model=card, max_epochs=1, out=tmp_path / "three", budget=None, devices=3, **kw)
+
+
+@requires_data
+def test_second_phase_at_the_budget_fraction_or_only_at_the_epoch(tmp_path):
+    """With a budget the second phase starts at the card's fraction of it (default) or, with
+    swa_on_budget=False, only at its fraction of max_epochs (here epoch 1 of 1: never). The same card and
+    budget both times: only the flag differs."""
+    card = tiny_card(swa=dict(enabled=True, learning_rate=0.002, loss_weights={"energy": 10.0, "forces": 1.0},
+                              start_epoch_fraction=1e-9))  # of the 1 h budget: at once
+    kw = dict(KW, checkpoint_every=None)
+    by_budget = train(model=card, max_epochs=1, out=tmp_path / "b", budget="1h", **kw)
+    assert by_budget["phase"] == 2 and by_budget["stop_reason"] == "max_epochs"
+    by_epoch = train(model=card, max_epochs=1, out=tmp_path / "e", budget="1h", swa_on_budget=False, **kw)
+    assert by_epoch["phase"] == 1 and by_epoch["stop_reason"] == "max_epochs"
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert config["swa_on_budget"] is False and config["swa_start_s"] is None and config["swa_start_epoch"] == 1
