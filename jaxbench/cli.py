@@ -130,6 +130,7 @@ def cmd_train(args) -> int:
             out=args.out, resume=args.resume, dtype=args.dtype, n_train=args.n_train, n_val=args.n_val,
             checkpoint_every=args.checkpoint_every, progress=not args.quiet,
             pause_after_checkpoint=args.pause_after_checkpoint, devices=args.devices,
+            swa_on_budget=args.swa_start != "epochs",
         )
     except TrainingDivergedError as e:
         print(f"jaxbench: training diverged: {e}", file=sys.stderr)
@@ -328,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--checkpoint-every", type=int, help="also checkpoint `last` every N steps inside an epoch")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.add_argument("--devices", type=int, help="split each batch over this many devices (default: all, one per CPU core)")
+    pt.add_argument("--swa-start", choices=["budget", "epochs"], default="budget",
+                    help="with a budget, the card's second phase (SWA) starts at its fraction of the budget (default) "
+                         "or only at its fraction of max_epochs (the card's schedule, cut where the budget ends); "
+                         "a resumed run keeps its own choice")
     pt.add_argument("--pause-after-checkpoint", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     pt.set_defaults(func=cmd_train)
 

@@ -485,3 +485,16 @@ def test_second_phase_at_the_budget_fraction_or_only_at_the_epoch(tmp_path):
     assert by_epoch["phase"] == 1 and by_epoch["stop_reason"] == "max_epochs"
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["swa_on_budget"] is False and config["swa_start_s"] is None and config["swa_start_epoch"] == 1
+    # the command line's --swa-start epochs is the same choice
+    from jaxbench.cli import main
+
+    card_file = tmp_path / "swa.json"
+    card_file.write_text(json.dumps(card))
+    args = ["train", "--model", str(card_file), "--dataset", "md17-ethanol", "--n-train", "4", "--n-val", "2",
+            "--seed", "3", "--max-epochs", "1", "--budget", "1h", "--dtype", "float64", "--quiet"]
+    for flag, phase in (("budget", 2), ("epochs", 1)):
+        assert main(args + ["--out", str(tmp_path / f"cli-{flag}"), "--swa-start", flag]) == 0
+        config = json.loads((tmp_path / f"cli-{flag}" / "config.json").read_text())
+        assert config["swa_on_budget"] is (flag == "budget")
+        phases = [r["phase"] for r in runs.read_log(tmp_path / f"cli-{flag}") if r.get("event") == "epoch"]
+        assert phases == [phase]
