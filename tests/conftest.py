@@ -15,6 +15,10 @@ import pytest
 
 import jaxbench
 
+# glibc writes its fatal messages (heap corruption, failed asserts) to the terminal, not to stderr, unless
+# this is set: a worker that aborts inside native code then says why in the CI log.
+os.environ.setdefault("LIBC_FATAL_STDERR_", "1")
+
 # Tests check physics to 1e-6 and beyond: float64 everywhere unless a test asks for float32.
 jax.config.update("jax_enable_x64", True)
 # Two CPU devices, as the CLI sets up on a 2-core machine: simulations with several replicas go through
