@@ -21,13 +21,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import runs
+from . import compiled, runs
 from .frames import Frames
 
 EV_A3_TO_GPA = 160.21766208
 
 
 _PREDICT_CACHE: dict[str, Any] = {}
+compiled.register(_PREDICT_CACHE.clear)
 
 
 def _jitted_call(pot):

@@ -42,6 +42,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from .compiled import check as check_compiled, register as register_compiled
 from .errors import DataError, JaxbenchError, NeighborListError
 
 __all__ = [
@@ -743,6 +744,7 @@ class _Engine:
 
 _CACHE: dict = {}
 _CACHE_MAX = 64
+register_compiled(_CACHE.clear)
 
 
 def _cached(key, make):
@@ -917,6 +919,7 @@ def simulate(
     from .devices import count as device_count
 
     _require_x64()
+    check_compiled()  # before this run compiles: a long session's cached programs stay under the kernel's limit
     protocol = protocol.validate()
     model = as_energy_model(model, params=params, cutoff=cutoff)
     if batch not in ("map", "vmap", "vmap_select"):

@@ -91,6 +91,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiled import register as register_compiled
 from .neighbors import cell_heights
 
 __all__ = [
@@ -272,6 +273,9 @@ def _pair_counts_fn(T, N, pbc, type_idx, n_types, shifts, r_max, nbins, dr, dtyp
         return jax.lax.map(one, (positions, cells), batch_size=batch)
 
     return counts
+
+
+register_compiled(_pair_counts_fn.cache_clear)
 
 
 def _prepare(positions, cell, pbc, r_max, n_images=None):

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import runs
+from . import compiled, runs
 from .errors import DataError, JaxbenchError
 
 OPTIMIZERS = ("adam", "amsgrad", "adamw")
@@ -405,6 +405,7 @@ def _read_model(model) -> dict:
 
 
 _FN_CACHE: dict[str, tuple] = {}
+compiled.register(_FN_CACHE.clear)
 
 
 def _step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool, devices: int = 1):
@@ -542,6 +543,7 @@ def train(
     from .potential import Potential, model_card
     from .stats import DatasetStatistics, compute_statistics
 
+    compiled.check()  # before this run compiles (see jaxbench.compiled)
     # ---- resolve everything that can fail, before compute ------------------------------------
     if resume:
         if out is None:

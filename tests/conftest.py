@@ -56,6 +56,21 @@ def _isolated_data_dir(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _bounded_compiled_programs():
+    """A worker runs hundreds of tests, each compiling programs that the project's and JAX's caches keep;
+    XLA:CPU maps their code in many small mappings and the kernel caps a process at vm.max_map_count
+    (65530): past it the next compile segfaults (two CI runs died so). Clear the caches between tests
+    well before the limit (the library's own `jaxbench.compiled.check()` would do it at half, with a
+    warning)."""
+    yield
+    from jaxbench import compiled
+
+    n, limit = compiled.map_count(), compiled.map_limit()
+    if n is not None and limit is not None and n > 0.3 * limit:
+        compiled.clear()
+
+
 @pytest.fixture(scope="session")
 def data_root(_isolated_data_dir):
     if MIRROR is None:
