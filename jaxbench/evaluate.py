@@ -131,6 +131,7 @@ def evaluate(
     from . import data
     from .graph import build_graphs
 
+    compiled.check()  # before this evaluation compiles (see jaxbench.compiled)
     run = Path(run)
     info = runs.read_run(run)  # names a missing / broken run before any data is read
     dataset = data.get(dataset).name if dataset is not None else info["dataset"]["name"]

@@ -59,3 +59,23 @@ def test_the_project_caches_are_registered():
     compiled.clear()
     assert "probe" not in md._CACHE and "probe" not in train._FN_CACHE and "probe" not in evaluate._PREDICT_CACHE
     assert metrics._pair_counts_fn.cache_info().currsize == 0
+
+
+def test_simulate_train_and_evaluate_check_before_they_compile(monkeypatch, tmp_path):
+    """Each entry point that compiles asks first (here it raises, so nothing else runs)."""
+    from jaxbench import evaluate, md, train
+
+    class Asked(Exception):
+        pass
+
+    def ask(*a, **k):
+        raise Asked
+
+    monkeypatch.setattr(compiled, "check", ask)
+    monkeypatch.setattr(md, "check_compiled", ask)
+    with pytest.raises(Asked):
+        md.simulate(None, None, None)
+    with pytest.raises(Asked):
+        train.train(model="nequip-small", dataset="md17-ethanol", out=tmp_path / "r")
+    with pytest.raises(Asked):
+        evaluate.evaluate(tmp_path / "missing-run")
