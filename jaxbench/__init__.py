@@ -2,9 +2,6 @@
 
 __version__ = "0.1.0"
 
+from .devices import use_cpu_devices  # noqa: E402  (imports nothing heavy: JAX only when called)
 
-def use_cpu_devices(n: int | None = None) -> int:
-    """One XLA device per CPU core (see `jaxbench.devices.use_cpu_devices`); call before JAX starts."""
-    from .devices import use_cpu_devices as _use
-
-    return _use(n)
+__all__ = ["use_cpu_devices"]

@@ -55,15 +55,16 @@ def clear() -> None:
     gc.collect()
 
 
-def check(fraction: float = 0.5) -> bool:
+def check(fraction: float = 0.5, warn: bool = True) -> bool:
     """Clear the caches of compiled functions if this process holds more than `fraction` of the kernel's
-    mapping limit; returns whether it did. Cheap (one read of /proc/self/maps); a no-op off Linux."""
+    mapping limit; returns whether it did (the first time with a RuntimeWarning, unless `warn` is False).
+    Cheap (one read of /proc/self/maps); a no-op off Linux."""
     global _warned
     n, limit = map_count(), map_limit()
     if n is None or limit is None or n < fraction * limit:
         return False
     clear()
-    if not _warned:
+    if warn and not _warned:
         _warned = True
         warnings.warn(
             f"jaxbench: compiled programs held {n} memory mappings of the kernel's limit of {limit} "

@@ -66,9 +66,7 @@ def _bounded_compiled_programs():
     yield
     from jaxbench import compiled
 
-    n, limit = compiled.map_count(), compiled.map_limit()
-    if n is not None and limit is not None and n > 0.3 * limit:
-        compiled.clear()
+    compiled.check(0.3, warn=False)
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,9 @@ def test_check_clears_registered_caches_past_the_fraction(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compiled.check(0.0) is True  # cleared again, silently
+        monkeypatch.setattr(compiled, "_warned", False)
+        cache["again"] = object()
+        assert compiled.check(0.0, warn=False) is True and cache == {}  # the tests' own bound: no warning
 
 
 def test_the_project_caches_are_registered():
