@@ -30,11 +30,21 @@ def add_path(path: str | Path) -> None:
     clear_caches()
 
 
+# Callbacks run by `clear_caches` (modules above this one, e.g. `jaxbench.data`, register their own
+# card-derived caches here, so this module never imports them).
+_CLEAR_HOOKS: list = []
+
+
+def on_clear(fn) -> None:
+    """Call `fn()` whenever the card caches are cleared (`add_path`, `clear_caches`)."""
+    if fn not in _CLEAR_HOOKS:
+        _CLEAR_HOOKS.append(fn)
+
+
 def clear_caches() -> None:
     _cards.cache_clear()
-    from . import data
-
-    data._all_specs.cache_clear()
+    for fn in list(_CLEAR_HOOKS):
+        fn()
 
 
 def search_dirs(kind: str) -> list[Path]:

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"jaxbench {__import__('jaxbench').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pd = sub.add_parser("data", help="reference datasets: list, fetch, verify")
+    pd = sub.add_parser("data", help="reference datasets: list, fetch, verify, generate")
     dsub = pd.add_subparsers(dest="data_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", help="data directory (default: $JAXBENCH_DATA_DIR or a per-user cache directory)")
@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("names", nargs="*", help="restrict to these datasets")
     pv.add_argument("--strict", action="store_true", help="also fail when a dataset's files are missing")
     pv.set_defaults(func=cmd_data_verify)
+    from . import generate as _gen
+
+    pg = dsub.add_parser("generate", help="generate a dataset with a reference engine (OpenMM, ASE EMT): frames + card")
+    _gen.add_arguments(pg)
+    pg.set_defaults(func=_gen.run)
     pm = sub.add_parser("models", help="model cards")
     msub = pm.add_subparsers(dest="models_command", required=True)
     pml = msub.add_parser("list", help="every model card with its hyperparameters and parameter count")

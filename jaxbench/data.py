@@ -46,7 +46,7 @@ class Source:
     path: str
     files: tuple[tuple[str, str], ...]  # (relative path, sha256)
     frames: int
-    atoms: int
+    atoms: int | tuple[int, ...]  # atoms per frame (a tuple of the sizes when frames differ in size)
     elements: tuple[str, ...]
     pbc: bool | None = None  # overrides the file's flags when set (molecules in fake boxes)
     group: str | None = None
@@ -67,6 +67,11 @@ class DatasetSpec:
     card_path: str
     # {split, frame_interval_fs} when one split is a contiguous, time-ordered trajectory (else None)
     trajectory: dict | None = None
+    # generated data: {generator, frames, seed, ...} (a card written by `jaxbench.generate`, or a packaged
+    # card's `generated_from`, resolved against the data directory by `get`)
+    generated: dict | None = None
+    # packaged card over generated frames whose files are not resolved yet (no generated card found)
+    unresolved: bool = False
 
     @property
     def files(self) -> list[tuple[str, str]]:
@@ -88,11 +93,15 @@ class DatasetSpec:
         return sum(len(range(*sl.indices(self.sources[src].frames))) for src, sl in self.splits[split])
 
     def split_atoms(self, split: str) -> list[int]:
-        return sorted({self.sources[src].atoms for src, _ in self.splits[split]})
+        return sorted({n for src, _ in self.splits[split] for n in _sizes(self.sources[src].atoms)})
 
     @property
     def atoms(self) -> list[int]:
-        return sorted({s.atoms for s in self.sources.values()})
+        return sorted({n for s in self.sources.values() for n in _sizes(s.atoms)})
+
+
+def _sizes(atoms) -> tuple[int, ...]:
+    return tuple(atoms) if isinstance(atoms, tuple) else (atoms,)
 
 
 def _parse_frames(spec, card_path: str, where: str) -> slice:
@@ -109,7 +118,10 @@ def _parse_frames(spec, card_path: str, where: str) -> slice:
         raise DataError(f"frame range {spec!r} is not 'start:stop[:step]'", file=card_path, key=where) from None
 
 
-def _source_from_card(sid: str, s: dict, card_path: str) -> Source:
+def _source_from_card(sid: str, s: dict, card_path: str, generated_from: dict | None = None) -> Source:
+    if generated_from is not None:  # format, path and files come from the generated card (see `get`)
+        ds = generated_dataset_name(generated_from, card_path)
+        s = {"format": "generated", "path": f"generated/{ds}.yaml", "files": [{"path": f"generated/{ds}.yaml", "sha256": ""}], **s}
     for k in ("format", "path", "files", "frames", "atoms", "elements"):
         if k not in s:
             raise DataError(f"source '{sid}' lacks '{k}'", file=card_path, key=f"sources.{sid}.{k}")
@@ -119,7 +131,7 @@ def _source_from_card(sid: str, s: dict, card_path: str) -> Source:
         path=s["path"],
         files=tuple((f["path"], f["sha256"]) for f in s["files"]),
         frames=int(s["frames"]),
-        atoms=int(s["atoms"]),
+        atoms=tuple(int(a) for a in s["atoms"]) if isinstance(s["atoms"], list) else int(s["atoms"]),
         elements=tuple(s["elements"]),
         pbc=s.get("pbc"),
         group=s.get("group"),
@@ -128,7 +140,8 @@ def _source_from_card(sid: str, s: dict, card_path: str) -> Source:
 
 def _specs_from_card(card: dict) -> list[DatasetSpec]:
     path = card["_path"]
-    sources = {sid: _source_from_card(sid, s, path) for sid, s in card.get("sources", {}).items()}
+    gen_from = card.get("generated_from")
+    sources = {sid: _source_from_card(sid, s, path, gen_from) for sid, s in card.get("sources", {}).items()}
     if not sources:
         raise DataError("card has no sources", file=path, key="sources")
 
@@ -152,6 +165,8 @@ def _specs_from_card(card: dict) -> list[DatasetSpec]:
         url=card.get("source", {}).get("url", ""),
         notes=card.get("notes", ""),
         card_path=path,
+        generated=gen_from or card.get("generated"),
+        unresolved=gen_from is not None,
     )
     specs = [
         DatasetSpec(name=card["name"], title=card.get("title", card["name"]), sources=sources,
@@ -174,8 +189,19 @@ def _specs_from_card(card: dict) -> list[DatasetSpec]:
     return specs
 
 
+def generated_dataset_name(ref: dict, card_path: str = "") -> str:
+    """Name of the generated dataset a `generated_from: {generator, frames, seed}` refers to
+    (the same as `jaxbench.generate.dataset_name`)."""
+    for k in ("generator", "frames", "seed"):
+        if k not in ref:
+            raise DataError(f"generated_from lacks '{k}'", file=card_path, key=f"generated_from.{k}")
+    return f"{ref['generator']}-n{int(ref['frames'])}-s{int(ref['seed'])}"
+
+
 @functools.lru_cache(maxsize=None)
-def _all_specs() -> dict[str, DatasetSpec]:
+def all_specs() -> dict[str, DatasetSpec]:
+    """Every dataset of the packaged (and added) cards, by name; generated datasets in a data directory
+    are in `datasets(data_dir)`."""
     out: dict[str, DatasetSpec] = {}
     for card in _cards.cards("data").values():
         for spec in _specs_from_card(card):
@@ -185,15 +211,78 @@ def _all_specs() -> dict[str, DatasetSpec]:
     return out
 
 
-def datasets() -> dict[str, DatasetSpec]:
-    """Every dataset defined by the cards, by name."""
-    return dict(_all_specs())
+def generated_specs(data_dir: str | os.PathLike | None = None) -> dict[str, DatasetSpec]:
+    """Datasets written by `jaxbench.generate` into the data directory (`<data_dir>/generated/*.yaml`)."""
+    d = resolve_data_dir(data_dir) / "generated"
+    out: dict[str, DatasetSpec] = {}
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("*.yaml")):
+        for spec in _specs_from_card(_cards.read_card(p)):
+            out[spec.name] = spec
+    return out
 
 
-def get(name: str) -> DatasetSpec:
-    """The dataset called `name` (case-insensitive); unknown names raise with close suggestions."""
-    specs = _all_specs()
-    return specs[_cards.lookup("data", name, specs)]
+def clear_caches() -> None:
+    """Forget cached cards, specs and read sources (after writing a card or a dataset)."""
+    _cards.clear_caches()
+    _read_source_cached.cache_clear()
+
+
+def datasets(data_dir: str | os.PathLike | None = None, generated: bool | str = False) -> dict[str, DatasetSpec]:
+    """Datasets by name. ``generated=False`` (default): the downloadable ones (upstream files);
+    ``"present"``: also the generated ones whose card is in the data directory (packaged cards over
+    generated frames, resolved, and the generated cards themselves); ``True``: also every packaged
+    card over generated frames, present or not."""
+    specs = all_specs()
+    out = {k: v for k, v in specs.items() if v.generated is None}
+    if not generated:
+        return out
+    for k, v in specs.items():
+        if v.generated is not None:
+            r = get(k, data_dir)
+            if generated is True or not r.unresolved:
+                out[k] = r
+    for k, v in generated_specs(data_dir).items():
+        out.setdefault(k, v)
+    return out
+
+
+def _resolve_generated(spec: DatasetSpec, data_dir) -> DatasetSpec:
+    """A packaged card over generated frames, with its sources' format/path/files from the generated card."""
+    ds = generated_dataset_name(spec.generated, spec.card_path)
+    gen = generated_specs(data_dir).get(ds)
+    if gen is None:
+        return spec
+    src = gen.sources["all"]
+    sources = {}
+    for sid, s in spec.sources.items():
+        if s.frames > src.frames:
+            raise DataError(f"source '{sid}' needs {s.frames} frames, generated dataset '{ds}' has {src.frames}",
+                            file=spec.card_path, key=f"sources.{sid}.frames")
+        sources[sid] = dataclasses.replace(src, id=sid, frames=src.frames)
+    return dataclasses.replace(spec, sources=sources, unresolved=False,
+                               generated={**spec.generated, **(gen.generated or {}), "card": gen.card_path})
+
+
+def get(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSpec:
+    """The dataset called `name` (case-insensitive); unknown names raise with close suggestions.
+
+    Generated datasets are looked up in the data directory; a packaged card over generated frames
+    (`generated_from:`) gets its files from the generated card there."""
+    specs = all_specs()
+    if name not in specs and name.lower() not in {k.lower() for k in specs}:
+        specs = {**generated_specs(data_dir), **specs}
+    spec = specs[_cards.lookup("data", name, specs)]
+    if spec.unresolved:
+        spec = _resolve_generated(spec, data_dir)
+    return spec
+
+
+def generate_hint(spec: DatasetSpec, root: Path) -> str:
+    g = spec.generated or {}
+    return (f"generate it: `jaxbench data generate {g.get('generator')} --frames {g.get('frames')} --seed {g.get('seed', 0)} "
+            f"--data-dir {root}`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +335,7 @@ class FileStatus:
 
 
 def check_files(name: str, root: str | os.PathLike | None = None, hash_files: bool = True) -> list[FileStatus]:
-    spec = get(name)
+    spec = get(name, root)
     root = resolve_data_dir(root)
     out = []
     for rel, sha in spec.files:
@@ -313,10 +402,13 @@ def fetch(
     todo: dict[str, tuple[str, str, str]] = {}
     results = []
     for name in names:
-        spec = get(name)
+        spec = get(name, root)
         for st in check_files(spec.name, root):
             if st.state == "ok":
                 results.append(st)
+            elif spec.generated is not None:
+                raise DataError(f"dataset '{spec.name}' is generated, not downloaded ({st.state}: {st.path}); "
+                                + generate_hint(spec, root), file=str(root / st.path))
             elif st.path not in todo:
                 url = f"{base_url.rstrip('/')}/{st.path}" if base_url else spec.url.format(path=st.path)
                 todo[st.path] = (st.sha256, url, spec.name)
@@ -358,7 +450,7 @@ def fetch(
 def verify(names: Iterable[str] | None = None, data_dir: str | os.PathLike | None = None) -> list[FileStatus]:
     """Re-hash every present file of the named datasets (all if None); report ok / mismatch / missing."""
     _sha256_cached.cache_clear()
-    names = list(names) if names is not None else list(_all_specs())
+    names = list(names) if names is not None else list(datasets(data_dir, generated="present"))
     seen, out = set(), []
     for name in names:
         for st in check_files(name, data_dir):
@@ -390,9 +482,12 @@ def _read_source(src: Source, root: Path, spec: DatasetSpec) -> Frames:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_source_cached(name: str, sid: str, root: str) -> Frames:
-    spec = get(name)
+def _read_source_cached(name: str, sid: str, root: str, sha: tuple = ()) -> Frames:
+    spec = get(name, root)
     return _read_source(spec.sources[sid], Path(root), spec)
+
+
+_cards.on_clear(all_specs.cache_clear)
 
 
 def load(
@@ -407,7 +502,7 @@ def load(
     Missing files are fetched first when `download` (from the mirror if one is configured, else the
     upstream URL); every file read is checked against the card's sha256.
     """
-    spec = get(name)
+    spec = get(name, data_dir)
     if split not in spec.splits:
         from .errors import UnknownNameError
 
@@ -416,6 +511,9 @@ def load(
     needed = {sid for sid, _ in spec.splits[split]}
     files = [(rel, sha) for sid in needed for rel, sha in spec.sources[sid].files]
     missing = [rel for rel, _ in files if not (root / rel).is_file()]
+    if missing and spec.generated is not None:
+        raise DataError(f"generated dataset '{spec.name}' is not in the data directory ({missing[0]} missing); "
+                        + generate_hint(spec, root), file=str(root / missing[0]))
     if missing:
         if not download:
             raise DataError(
@@ -434,7 +532,7 @@ def load(
             )
     parts = []
     for sid, sl in spec.splits[split]:
-        frames = _read_source_cached(spec.name, sid, str(root.resolve()))
+        frames = _read_source_cached(spec.name, sid, str(root.resolve()), spec.sources[sid].files)
         parts.append(frames[sl] if sl != slice(None) else frames)
     out = Frames.concatenate(parts) if len(parts) > 1 else parts[0]
     return out.with_info(
@@ -445,13 +543,14 @@ def load(
         units=dict(spec.units),
         simulation=dict(spec.simulation),
         sources=[sid for sid, _ in spec.splits[split]],
+        **({"generated": dict(spec.generated)} if spec.generated else {}),
     )
 
 
 def dataset_table(root: str | os.PathLike | None = None, hash_files: bool = True) -> list[dict[str, Any]]:
     """One row per dataset: frames per split, atoms, elements, periodic, presence and verification."""
     rows = []
-    for name, spec in _all_specs().items():
+    for name, spec in datasets(root, generated="present").items():
         st = check_files(name, root, hash_files=hash_files)
         present = all(s.state != "missing" for s in st)
         verified = all(s.state == "ok" for s in st) if hash_files else None

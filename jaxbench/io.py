@@ -329,11 +329,30 @@ def read_deepmd(
       DataError naming the file and key for a missing file, a frame count or atom count that does
       not agree with coord.npy / type.raw, unknown elements, or a validation failure.
     """
-    from ase.data import atomic_numbers as z_of
-
     root = Path(path)
     if not root.is_dir():
         raise DataError("not a directory: a DeePMD-kit system is a directory with type.raw and set.*/", file=str(root))
+    numbers, type_map = _deepmd_atomic_numbers(root, type_map)
+    periodic = not (root / "nopbc").exists()
+    sets = sorted(p for p in root.glob("set.*") if p.is_dir())
+    if not sets:
+        raise DataError("no set.* directories: a DeePMD-kit system keeps its frames in set.000/, set.001/, ...", file=str(root))
+    has_virial = [(s / "virial.npy").is_file() for s in sets]
+    if any(has_virial) and not all(has_virial):
+        s = sets[has_virial.index(False)]
+        raise DataError(
+            f"missing, but {sets[has_virial.index(True)].name}/virial.npy exists: all sets must carry the same labels",
+            file=str(s / "virial.npy"), key="virial",
+        )
+    parts = [_read_deepmd_set(s, numbers, periodic, required, validate) for s in sets]
+    frames = Frames.concatenate(parts, info={"format": "deepmd", "files": [str(root)], "type_map": type_map})
+    return frames
+
+
+def _deepmd_atomic_numbers(root: Path, type_map: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Atomic number of every atom (type.raw through the type map) and the type map used."""
+    from ase.data import atomic_numbers as z_of
+
     type_file = root / "type.raw"
     tokens = _read_raw(type_file, "type.raw (the type index of every atom)")
     try:
@@ -363,71 +382,55 @@ def read_deepmd(
             f"type index {types[a]} but type_map has {len(type_map)} entries ({', '.join(type_map)})",
             file=str(type_file), atoms=a,
         )
-    numbers = np.asarray(numbers_of_type, dtype=np.int64)[types]
-    N = len(types)
-    periodic = not (root / "nopbc").exists()
+    return np.asarray(numbers_of_type, dtype=np.int64)[types], type_map
 
-    sets = sorted(p for p in root.glob("set.*") if p.is_dir())
-    if not sets:
-        raise DataError("no set.* directories: a DeePMD-kit system keeps its frames in set.000/, set.001/, ...", file=str(root))
-    has_virial = [(s / "virial.npy").is_file() for s in sets]
-    if any(has_virial) and not all(has_virial):
-        s = sets[has_virial.index(False)]
+
+def _read_deepmd_set(s: Path, numbers: np.ndarray, periodic: bool, required: Sequence[str], validate: bool) -> Frames:
+    """The frames of one set.* directory of a DeePMD-kit system with these atoms."""
+    N = len(numbers)
+    coord_path = s / "coord.npy"
+    coord = _load_npy(coord_path, "coord")
+    if coord.ndim < 2:
+        raise DataError(f"expected shape [frames, 3*atoms], got {coord.shape}", file=str(coord_path), key="coord")
+    F = coord.shape[0]
+    per = int(np.prod(coord.shape[1:]))
+    if per != 3 * N:
         raise DataError(
-            f"missing, but {sets[has_virial.index(True)].name}/virial.npy exists: all sets must carry the same labels",
-            file=str(s / "virial.npy"), key="virial",
+            f"has {per} values per frame (shape {coord.shape}), i.e. {per / 3:g} atoms, but type.raw lists {N} atoms",
+            file=str(coord_path), key="coord",
         )
+    coord = coord.reshape(F, N, 3).astype(np.float64)
 
-    parts = []
-    for s in sets:
-        coord_path = s / "coord.npy"
-        coord = _load_npy(coord_path, "coord")
-        if coord.ndim < 2:
-            raise DataError(f"expected shape [frames, 3*atoms], got {coord.shape}", file=str(coord_path), key="coord")
-        F = coord.shape[0]
-        per = int(np.prod(coord.shape[1:]))
-        if per != 3 * N:
-            raise DataError(
-                f"has {per} values per frame (shape {coord.shape}), i.e. {per / 3:g} atoms, but type.raw lists {N} atoms",
-                file=str(coord_path), key="coord",
-            )
-        coord = coord.reshape(F, N, 3).astype(np.float64)
+    def optional(name, key, width, what):
+        p = s / name
+        if not p.is_file():
+            if key in required:
+                _load_npy(p, key)  # raises "missing"
+            return None
+        return _per_frame(_load_npy(p, key), p, key, F, width, what)
 
-        def optional(name, key, width, what):
-            p = s / name
-            if not p.is_file():
-                if key in required:
-                    _load_npy(p, key)  # raises "missing"
-                return None
-            return _per_frame(_load_npy(p, key), p, key, F, width, what)
-
-        energy = optional("energy.npy", "energy", 1, "one energy per frame")
-        force = optional("force.npy", "force", 3 * N, f"3 x {N} atoms of type.raw")
-        box_path = s / "box.npy"
-        if box_path.is_file() or periodic:
-            box = _per_frame(_load_npy(box_path, "box"), box_path, "box", F, 9, "a row-major 3x3 cell").reshape(F, 3, 3)
-        else:
-            box = np.zeros((F, 3, 3))
-        virial = optional("virial.npy", "virial", 9, "a row-major 3x3 virial")
-        stress = None
-        if virial is not None:
-            stress = virial_to_stress(virial, box, file=str(s / "virial.npy"), key="virial")
-
-        parts.append(
-            Frames.from_arrays(
-                positions=coord,
-                numbers=numbers,
-                cell=box,
-                pbc=np.full(3, periodic),
-                energy=None if energy is None else energy[:, 0],
-                forces=None if force is None else force.reshape(F, N, 3),
-                stress=stress,
-                file=str(s),
-                validate=validate,
-            )
-        )
-    frames = Frames.concatenate(parts, info={"format": "deepmd", "files": [str(root)], "type_map": type_map})
-    return frames
+    energy = optional("energy.npy", "energy", 1, "one energy per frame")
+    force = optional("force.npy", "force", 3 * N, f"3 x {N} atoms of type.raw")
+    box_path = s / "box.npy"
+    if box_path.is_file() or periodic:
+        box = _per_frame(_load_npy(box_path, "box"), box_path, "box", F, 9, "a row-major 3x3 cell").reshape(F, 3, 3)
+    else:
+        box = np.zeros((F, 3, 3))
+    virial = optional("virial.npy", "virial", 9, "a row-major 3x3 virial")
+    stress = None
+    if virial is not None:
+        stress = virial_to_stress(virial, box, file=str(s / "virial.npy"), key="virial")
+    return Frames.from_arrays(
+        positions=coord,
+        numbers=numbers,
+        cell=box,
+        pbc=np.full(3, periodic),
+        energy=None if energy is None else energy[:, 0],
+        forces=None if force is None else force.reshape(F, N, 3),
+        stress=stress,
+        file=str(s),
+        validate=validate,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -694,7 +694,7 @@ class _Engine:
         import jax.numpy as jnp
         from jax import lax
 
-        from .neighbors import _needs_rebuild
+        from .neighbors import needs_rebuild
 
         _, apply_fn = self.integrator()
         update = self.nl.update
@@ -707,7 +707,7 @@ class _Engine:
         def step(c, _):
             state, nbrs, reason, fstep, k, mem = c
             new = jax.vmap(lambda s, nb: apply_fn(s, neighbor=nb, params=params))(state, nbrs)
-            need = jax.vmap(lambda x, nb: _needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
+            need = jax.vmap(lambda x, nb: needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
             check = jax.vmap(self.nl.check) if self.nl.check is not None else (lambda x, n: n)
             new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: check(new.position, n), nbrs)
             bad = jax.vmap(self.check)(new, bonds)

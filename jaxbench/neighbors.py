@@ -584,7 +584,8 @@ def _with_edge_compaction(fns: NeighborListFns) -> NeighborListFns:
     return dataclasses.replace(fns, allocate=_Allocate(allocate, fns.allocate.check_size), update=update, check=check)
 
 
-def _needs_rebuild(positions, reference, skin):
+def needs_rebuild(positions, reference, skin):
+    """True when some atom moved more than half the skin since the list was built (always without a skin)."""
     import jax.numpy as jnp
 
     if skin <= 0:
@@ -602,7 +603,7 @@ def _make_update(build, skin, method):
                 f"neighbor list was allocated with method '{neighbors.method}', this update is '{method}'"
             )
         positions = lax.stop_gradient(positions).astype(neighbors.reference_positions.dtype)
-        rebuild = _needs_rebuild(positions, neighbors.reference_positions, skin)
+        rebuild = needs_rebuild(positions, neighbors.reference_positions, skin)
 
         def rebuilt(r, n):  # a build knows nothing of the static edge-compaction settings: keep them
             return dataclasses.replace(build(r, n), cutoff=n.cutoff, edge_capacity=n.edge_capacity)
@@ -811,25 +812,29 @@ def _compact(flags, capacity: int):
     return idx, count.astype(jnp.int32)
 
 
-def _multi_image_fns(st: _Settings) -> NeighborListFns:
-    import jax
-    import jax.numpy as jnp
+def _multi_image_candidates(st: _Settings):
+    """Per pair (i, j), the block of candidate image shifts the multi-image list tries.
 
+    For a pair with wrapped fractional difference f = s_j - s_i, an image T can be within the radius
+    only if |f_k + T_k| < r / h_k on every periodic axis: at most ceil(2 r / h_k) consecutive
+    integers starting at floor(-f_k - r / h_k) + 1. So each pair gets a block of prod(K_k) candidate
+    shifts (LiPS at 5.5 Å: 1, P2S5: 8) instead of prod(2 n_k + 1) (27). Returns (radius, periodic,
+    n_img, heights, reach, eps, offsets [K, 3], inverse cell or None)."""
     radius = st.cutoff + st.skin
     periodic = bool(st.pbc.any())
     n_img = _image_counts(st.cell, st.pbc, radius)
     heights = cell_heights(st.cell) if periodic else np.ones(3)
-    # For a pair (i, j) with wrapped fractional difference f = s_j - s_i, an image T can be within
-    # the radius only if |f_k + T_k| < r / h_k on every periodic axis: at most ceil(2 r / h_k)
-    # consecutive integers starting at floor(-f_k - r / h_k) + 1. So each pair gets a block of
-    # prod(K_k) candidate shifts (LiPS at 5.5 Å: 1, P2S5: 8) instead of prod(2 n_k + 1) (27).
     eps = 1e-6
     reach = np.where(st.pbc, radius / heights, 0.0)
     per_axis = np.where(st.pbc, np.ceil(2.0 * (reach + eps)).astype(np.int64), 1)
     per_axis = np.minimum(per_axis, 2 * n_img + 1)
     offsets_np = np.array(list(itertools.product(*[np.arange(k) for k in per_axis])), dtype=np.int32)
-    n_cand = len(offsets_np)  # candidate shifts per (i, j)
     inv_cell_np = np.linalg.inv(st.cell) if periodic else None
+    return radius, periodic, n_img, heights, reach, eps, offsets_np, inv_cell_np
+
+
+def _multi_image_size_check(st: _Settings, n_img, n_cand: int, heights, radius: float, periodic: bool):
+    """``check_size(n)``: refuse a dense candidate search too big to hold."""
 
     def check_size(n: int):
         count = float(n) * n * n_cand
@@ -844,6 +849,15 @@ def _multi_image_fns(st: _Settings) -> NeighborListFns:
                 f"{0.5 * heights.min() if periodic else float('inf'):.3f} Å). Replicate the cell "
                 "(a supercell) or use a smaller cutoff / skin."
             )
+
+    return check_size
+
+
+def _multi_image_search(st: _Settings, radius: float, periodic: bool, reach, eps: float, offsets_np, inv_cell_np):
+    """``search(positions)`` over every (i, j, candidate shift)."""
+    import jax.numpy as jnp
+
+    n_cand = len(offsets_np)
 
     def search(positions):
         """Candidates within the radius: flat bool [N * N * K], per-pair base shifts, atom offsets."""
@@ -877,6 +891,18 @@ def _multi_image_fns(st: _Settings) -> NeighborListFns:
             self_pair = jnp.eye(n, dtype=bool)[:, :, None]
         flags = (d2 < radius * radius) & ~self_pair
         return flags.reshape(-1), base, off
+
+    return search
+
+
+def _multi_image_fns(st: _Settings) -> NeighborListFns:
+    import jax
+    import jax.numpy as jnp
+
+    radius, periodic, n_img, heights, reach, eps, offsets_np, inv_cell_np = _multi_image_candidates(st)
+    n_cand = len(offsets_np)  # candidate shifts per (i, j)
+    check_size = _multi_image_size_check(st, n_img, n_cand, heights, radius, periodic)
+    search = _multi_image_search(st, radius, periodic, reach, eps, offsets_np, inv_cell_np)
 
     def build_arrays(positions, capacity: int):
         n = positions.shape[0]

@@ -28,11 +28,12 @@ from .stats import DatasetStatistics
 # ---------------------------------------------------------------------------------------------
 # Model cards
 # ---------------------------------------------------------------------------------------------
-def _deep_update(base: dict, over: dict) -> dict:
+def deep_update(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, recursively for nested mappings (both left unchanged)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_update(out[k], v)
+            out[k] = deep_update(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -45,7 +46,7 @@ def model_cards() -> dict[str, dict[str, Any]]:
         variants = card.pop("variants", {}) or {}
         out[name] = card
         for vname, over in variants.items():
-            v = _deep_update(card, over)
+            v = deep_update(card, over)
             v["name"] = f"{name}-{vname}"
             v["variant_of"] = name
             out[v["name"]] = v

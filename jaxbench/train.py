@@ -379,7 +379,7 @@ def _load_split(name, split, n, data_dir):
 
 
 def _deep_update(base, over):
-    from .potential import _deep_update as du
+    from .potential import deep_update as du
 
     return du(base, over)
 

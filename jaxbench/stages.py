@@ -1,0 +1,362 @@
+"""The stages of the benchmark, each a function with a typed result, in the order `jaxbench.bench.bench`
+runs them::
+
+    train_stage      -> Training        the run (trained here, resumed, or reused)
+    evaluate_stage   -> Accuracy        energy / force errors on the test split
+    simulate_stage   -> Simulation      the model's rollout, the reference it is scored against
+    score_structure  -> StructureScore  g(r) / h(r) against the reference
+    score_stability, score_violations, score_oracle_on_model_frames, score_dynamics -> results sections
+    plot_stage       -> {name: path}    the figures
+
+Each stage reads only its arguments and the files of the stages before it; `bench` writes what each
+returns into results.json as soon as it has it (so an interrupted benchmark keeps what it finished),
+and resume or suites can call a stage on its own.
+
+Reference for the trajectory metrics, in order of preference:
+  * an oracle (any EnergyModel, e.g. the classical potential that generated the data): its own rollout
+    from the same positions and velocities gives EGraFFBench's EV(t) / FV(t), the reference RDF and the
+    reference diffusivity; it also scores the model's own frames (model vs oracle on the same positions);
+  * a time-ordered split of the dataset (data card ``trajectory:``, e.g. MD17 test files at 0.5 fs):
+    EV / FV against the ground-truth frames at the same times, as EGraFFBench did;
+  * the dataset's test frames as an equilibrium sample: reference RDF / h(r) only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import runs
+from .reference import reference_frames
+from .scoring import (
+    BenchSettings,
+    diffusivity_per_element,
+    energy_force_violations,
+    na,
+    oracle_on_frames,
+    rdf_failure_hook,
+    reference_observables,
+    replica_stats,
+    structure_vs_reference,
+    violations_vs_split,
+)
+
+Section = dict[str, Any]  # one entry of results.json
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. train
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Training:
+    section: Section  # results["training"]
+    run_dir: Path
+    model: str  # the model card's name
+    architecture: str | None
+
+
+def training_finished(run_dir: Path) -> bool:
+    """The run's log records why training stopped (budget, epochs, early stop): it is complete."""
+    log = runs.read_log(run_dir) if (run_dir / "log.jsonl").exists() else []
+    return any("stop_reason" in e and e["stop_reason"] for e in log)
+
+
+def train_stage(model, dataset: str, run_dir: Path, *, reuse: bool, train_kw: dict) -> Training:
+    """Train `model` on `dataset` into `run_dir`, resuming from its checkpoints if it has some; with
+    `reuse`, a run that has checkpoints is taken as it is."""
+    from .train import train
+
+    t0 = time.perf_counter()
+    ckpt = run_dir / "checkpoints"
+    has_ckpt = ckpt.is_dir() and any(ckpt.iterdir())
+    if has_ckpt and reuse:
+        summary = {"reused": True, "run_dir": str(run_dir)}
+    else:
+        summary = train(model, dataset, out=run_dir, resume=has_ckpt, **train_kw)
+        summary = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        summary["reused"] = False
+    log = runs.read_log(run_dir)
+    epochs = [e for e in log if e.get("event") == "epoch" and "epoch_time_s" in e]
+    times = [e["epoch_time_s"] for e in epochs[1:]] or [e["epoch_time_s"] for e in epochs]  # first epoch compiles
+    summary["epochs"] = len(epochs)
+    summary["time_per_epoch_min"] = float(np.median(times)) / 60.0 if times else None
+    summary["wall_s"] = time.perf_counter() - t0
+    card = runs.read_run(run_dir)["card"]
+    return Training(summary, run_dir, card["name"], card.get("architecture"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. evaluate
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    metrics: dict[str, Any]  # jaxbench.evaluate's errors (meV, meV/Å, ...)
+    frames: int | None
+    parity_plot: str | None
+    split: str = "test"
+
+    def section(self) -> Section:
+        return {"split": self.split, "frames": self.frames, **self.metrics, "parity_plot": self.parity_plot}
+
+
+def evaluate_stage(run_dir: Path, dataset: str, *, n_test: int | None, plots: bool, data_dir=None) -> Accuracy:
+    """Energy and force errors of the run's best parameters on the test split (first `n_test` frames)."""
+    from .evaluate import evaluate
+
+    ev = evaluate(run_dir, dataset, "test", n_frames=n_test, plots=plots, data_dir=data_dir)
+    return Accuracy(ev["metrics"], ev["metrics"].get("n_frames"), ev.get("plot"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. simulate
+# --------------------------------------------------------------------------------------------------
+def resolve_protocol(protocol, dataset: str, *, replicas=None, steps=None, temperature=None, timestep=None):
+    """The protocol card (name, YAML path or Protocol) with the given overrides, validated."""
+    from . import md
+
+    proto = protocol if isinstance(protocol, md.Protocol) else md.load_protocol(protocol, dataset)
+    return proto.replace(replicas=replicas, steps=steps, temperature_K=temperature, timestep_fs=timestep).validate()
+
+
+def replica_starts(frames, proto, ordered):
+    """Replica starts. From a time-ordered split with replica_init 'frames', the starts are spread only
+    over the frames that leave a whole ground-truth trajectory ahead of every replica (for EV / FV);
+    when the split is just long enough for one, every replica starts at its first frame (distinct
+    velocity seeds), as EGraFFBench's MD17 runs must have."""
+    from . import md
+
+    if not (ordered and proto.replica_init == "frames" and proto.frame_split == ordered["split"]):
+        return md.start_from_frames(frames, proto.replicas, mode=proto.replica_init)
+    needed = int(math.ceil(proto.steps * proto.timestep_fs / float(ordered["frame_interval_fs"])))
+    last = max(0, len(frames) - 1 - needed)
+    idx = np.linspace(0, last, proto.replicas).round().astype(int).tolist()
+    f0 = frames.frame(idx[0])
+    pos = np.stack([frames.frame(i)["positions"] for i in idx])
+    return dataclasses.replace(md.Start.make(pos, f0["numbers"], f0["cell"], f0["pbc"]), frame_indices=tuple(idx))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What the model's rollout is scored against."""
+
+    positions: np.ndarray | None  # [T, N, 3] structure reference frames; None: none with the simulated atoms
+    cells: np.ndarray | None  # [T, 3, 3]
+    name: str | None  # what the frames are; None: there are none (no oracle, no frames at this temperature)
+    trajectory: dict | None  # the oracle's rollout from the same start (EV / FV, diffusivity), if an oracle was given
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    section: Section  # results["simulation"]
+    start: Any  # jaxbench.md.Start
+    periodic: bool
+    trajectory: dict  # the model's rollout (jaxbench.trajectory.read)
+    reference: Reference
+    rdf_hook: Any | None  # FaNE eq. 8 inside the MD engine, when it could run
+    rdf_window: int | str | None  # its window in frames, or why there is none (periodic systems only)
+    rdf_failed: np.ndarray  # [R] bool: replicas the RDF criterion stopped
+    first_unstable_frame: np.ndarray  # [R] frame of the MD failure, frames_saved for a stable replica
+    frames_of_dynamics: np.ndarray  # [R] frames that are real dynamics (EV / FV run over these)
+    frames_saved: int
+    frame_interval_fs: float
+    simulated_time_fs: float
+
+
+def _reference(start, oracle, oracle_name, reference_split, dataset, proto, *, seed, out, progress, data_dir):
+    """The oracle's rollout (pooled replicas) or the dataset's frames at the protocol's temperature."""
+    from . import md, trajectory
+
+    n_atoms = start.n_atoms
+    if oracle is not None:
+        ref = md.simulate(oracle, start, proto, seed=seed, out=out / "reference.h5", overwrite=True, progress=progress)
+        ref_traj = trajectory.read(ref.path)
+        ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
+        ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
+        return Reference(ref_pos, ref_cells, f"oracle '{oracle_name}' rollout, all replicas", ref_traj)
+    if reference_split is not None:
+        ref_pos, ref_cells = reference_frames(dataset, reference_split, n_atoms, data_dir)
+        return Reference(ref_pos, ref_cells, f"dataset '{dataset}' split '{reference_split}'", None)
+    return Reference(None, None, None, None)
+
+
+def _simulation_section(sim, proto, start, n_saved: int) -> Section:
+    from . import md
+    from . import metrics as M
+
+    n_atoms = start.n_atoms
+    timings = sim.timings
+    # steady state: the first chunk compiles, so the speed is taken over the chunks after it
+    steady = timings.get("chunks_s")
+    steady_steps = sim.steps_done - proto.chunk_steps if steady else None
+    spd = M.speed(n_atoms * proto.replicas, steady_steps, steady, proto.timestep_fs) if steady and steady_steps else \
+        M.speed(n_atoms * proto.replicas, sim.steps_done, timings["total_s"], proto.timestep_fs)
+    return {
+        "trajectory": str(sim.path), "replicas": proto.replicas, "devices": int(sim.devices), "steps": int(sim.steps_done),
+        "atoms": int(n_atoms),
+        "frames_saved": int(n_saved), "frame_interval_fs": proto.timestep_fs * proto.save_every,
+        "start_frames": list(start.frame_indices or []),
+        "failed": [bool(x) for x in sim.failed], "failure_time_fs": [None if not np.isfinite(x) else float(x)
+                                                                    for x in sim.failure_time_fs],
+        "failure_reason": [md.describe_failure(int(x)) if f else None for x, f in zip(sim.failure_reason, sim.failed)],
+        "stable_fraction": float(np.mean(~np.asarray(sim.failed))),
+        "timings_s": {k: float(v) for k, v in timings.items()},
+        "inference_time_min": float(timings["total_s"]) / 60.0,
+        "speed": {"atom_steps_per_s": spd.atom_steps_per_s, "ns_per_day": spd.ns_per_day,
+                  "us_per_step_atom": spd.us_per_step_atom,
+                  "note": "steady state (chunks after the first, all replicas' atoms)" if steady else "including compile"},
+    }
+
+
+def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str | None = None,
+                   reference_split: str | None, settings: BenchSettings, seed: int, out: Path,
+                   progress: bool = True, data_dir=None) -> Simulation:
+    """Roll out the run's best model with `proto` from the dataset's frames (out/trajectory.h5), after the
+    oracle's rollout from the same start (out/reference.h5) when an oracle is given."""
+    from . import data, md, trajectory
+
+    dataset = spec.name
+    pot, params = runs.load_potential(run_dir, "best")
+    frames = data.load(dataset, proto.frame_split, data_dir=data_dir)
+    start = replica_starts(frames, proto, spec.trajectory)
+    periodic = bool(np.any(start.pbc))
+    # the reference comes first: the RDF stability criterion runs inside the model's rollout
+    ref = _reference(start, oracle, oracle_name, reference_split, dataset, proto, seed=seed, out=out,
+                     progress=progress, data_dir=data_dir)
+    hook, rdf_window = None, None
+    if periodic:
+        if ref.positions is None:
+            rdf_window = "no reference RDF: " + (f"the reference frames ({ref.name}) do not all have the simulated atoms"
+                                                  if ref.name else "no reference frames and no oracle")
+        else:
+            hook, rdf_window = rdf_failure_hook(start, ref.positions, ref.cells, proto, settings)
+    sim = md.simulate(pot, start, proto, params=params, seed=seed, out=out / "trajectory.h5", overwrite=True,
+                      progress=progress, failure_fn=hook)
+    traj = trajectory.read(sim.path)
+    n_saved = len(traj["step"])
+    fail_frames = np.where(sim.failure_step >= 0, np.ceil(sim.failure_step / proto.save_every).astype(int), n_saved)
+    fail_frames = np.minimum(fail_frames, n_saved)
+    rdf_failed = (np.asarray(sim.failure_reason) & 8) != 0 if hook is not None else np.zeros(len(fail_frames), bool)
+    # EV / FV run to the MD failure, as EGraFFBench's; an RDF failure is dated at the start of its window
+    # but the frames up to the window's end are real dynamics
+    dynamics_frames = np.where(rdf_failed, np.minimum(fail_frames + (rdf_window if hook is not None else 0), n_saved),
+                               fail_frames)
+    return Simulation(
+        section=_simulation_section(sim, proto, start, n_saved), start=start, periodic=periodic, trajectory=traj,
+        reference=ref, rdf_hook=hook, rdf_window=rdf_window, rdf_failed=rdf_failed,
+        first_unstable_frame=fail_frames, frames_of_dynamics=dynamics_frames, frames_saved=n_saved,
+        frame_interval_fs=proto.timestep_fs * proto.save_every, simulated_time_fs=sim.steps_done * proto.timestep_fs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. score
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StructureScore:
+    section: Section  # results["structure"]
+    arrays: dict | None  # r, g_ref, g_model per replica (for the plot); None when not computed
+
+
+def score_structure(sim: Simulation, dataset: str, proto, settings: BenchSettings) -> StructureScore:
+    """g(r) (periodic, all images) / h(r) (molecules) of each replica's stable part vs the reference."""
+    ref, traj = sim.reference, sim.trajectory
+    if ref.name is None:
+        return StructureScore(na(f"dataset '{dataset}' has no reference frames at {proto.temperature_K:g} K and no "
+                                 "oracle was given"), None)
+    if ref.positions is None:
+        return StructureScore(na(f"the reference frames ({ref.name}) do not all have the simulated atoms"), None)
+    try:
+        st, arrays = structure_vs_reference(traj, ref.positions, ref.cells, np.asarray(traj["pbc"]),
+                                            np.asarray(traj["species"]), sim.first_unstable_frame, settings,
+                                            sim.periodic)
+    except ValueError as e:
+        return StructureScore(na(str(e)), None)
+    st["reference"] = ref.name
+    return StructureScore(st, arrays)
+
+
+def score_stability(sim: Simulation, proto, settings: BenchSettings) -> Section:
+    """Time to failure of each replica: MD failures (the RDF criterion is one of them for periodic systems)."""
+    fail_frames, dt_frame = sim.first_unstable_frame, sim.frame_interval_fs
+    stab = {"md_failures": sim.section["failure_time_fs"],
+            "criterion_in_md": "NaN / temperature bounds" + ("" if sim.periodic else
+                                                               f", bond length (> 0.5 Å, bonds at {proto.bond_factor} x covalent radii)")}
+    if sim.periodic:
+        if sim.rdf_hook is None:
+            stab["rdf"] = na(sim.rdf_window)
+        else:
+            stab["criterion_in_md"] += (f", RDF (FaNE eq. 8: {settings.rdf_stability_window_fs:g} fs window, "
+                                        f"Delta {settings.rdf_stability_threshold})")
+            stab["rdf"] = {"criterion": f"FaNE eq. 8: window {settings.rdf_stability_window_fs:g} fs ({sim.rdf_window} frames), "
+                                        f"Delta {settings.rdf_stability_threshold}, evaluated inside the MD engine",
+                           "failed": [bool(x) for x in sim.rdf_failed],
+                           "first_unstable_frame": [int(f) for f in fail_frames],
+                           "stable_time_fs": [min(float(f) * dt_frame, sim.simulated_time_fs) for f in fail_frames]}
+    stab["stable_time_fs"] = replica_stats([min(float(f) * dt_frame, sim.simulated_time_fs) for f in fail_frames])
+    stab["simulated_time_fs"] = sim.simulated_time_fs
+    return stab
+
+
+def score_violations(sim: Simulation, dataset: str, ordered, proto, data_dir=None) -> Section:
+    """EV / FV against the oracle's rollout, else against a time-ordered split (``ordered``: the data
+    card's ``trajectory:``), else not applicable."""
+    traj, ref_traj = sim.trajectory, sim.reference.trajectory
+    e_model, f_model = np.asarray(traj["potential_energy"]), np.asarray(traj["force"])
+    if ref_traj is not None:
+        n_valid = np.minimum(sim.frames_of_dynamics, sim.frames_saved)
+        return energy_force_violations(e_model, f_model, np.asarray(ref_traj["potential_energy"]),
+                                       np.asarray(ref_traj["force"]), n_valid, sim.reference.name)
+    if ordered and proto.frame_split == ordered["split"]:
+        return violations_vs_split(dataset, ordered, sim.start, proto, e_model, f_model, sim.frames_of_dynamics, data_dir)
+    reason = (f"no ground-truth trajectory: dataset '{dataset}' has no time-ordered split (its card has no "
+              "`trajectory:`) and no oracle was given" if not ordered else
+              f"replicas start from split '{proto.frame_split}', the time-ordered split is '{ordered['split']}'")
+    return na(reason)
+
+
+def score_oracle_on_model_frames(sim: Simulation, oracle, oracle_name: str | None) -> Section:
+    """The model against the oracle on the model's own frames: EV / FV and the force MAE."""
+    traj = sim.trajectory
+    e_model, f_model = np.asarray(traj["potential_energy"]), np.asarray(traj["force"])
+    n_valid = np.minimum(sim.frames_of_dynamics, sim.frames_saved)
+    e_or, f_or = oracle_on_frames(oracle, traj)
+    out = energy_force_violations(e_model, f_model, e_or, f_or, n_valid, f"oracle '{oracle_name}' on the model's frames")
+    out["force_mae_meV_A"] = replica_stats([
+        float(np.abs(f_model[r, : n_valid[r]] - f_or[r, : n_valid[r]]).mean() * 1000) if n_valid[r] else None
+        for r in range(len(n_valid))])
+    return out
+
+
+def score_dynamics(sim: Simulation, spec, settings: BenchSettings) -> Section:
+    """Diffusivity per element on each replica's stable part (periodic systems), beside the reference's."""
+    if not sim.periodic:
+        return na("diffusivity is computed for periodic systems")
+    traj, ref_traj, dt_frame = sim.trajectory, sim.reference.trajectory, sim.frame_interval_fs
+    species = np.asarray(traj["species"])
+    dyn = {"diffusivity_cm2_s": diffusivity_per_element(traj, sim.first_unstable_frame, dt_frame, settings, species),
+           "window": f"{settings.msd_window_fraction:g} of the stable frames after {settings.msd_equilibration_fraction:g} equilibration"}
+    if ref_traj is not None:
+        dyn["reference_diffusivity_cm2_s"] = diffusivity_per_element(
+            ref_traj, np.full(len(ref_traj["position"]), sim.frames_saved), dt_frame, settings, species)
+    elif reference_observables(spec).get("diffusivity_cm2_s"):
+        dyn["reference_diffusivity_cm2_s"] = reference_observables(spec)["diffusivity_cm2_s"]
+    else:
+        dyn["reference_diffusivity_cm2_s"] = na("the reference frames are not a trajectory (no oracle; "
+                                                "LiPS frames are shuffled)" if not spec.trajectory else
+                                                "not computed from the dataset split")
+    return dyn
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. plots
+# --------------------------------------------------------------------------------------------------
+def plot_stage(out: Path, results: dict, sim: Simulation, structure: StructureScore) -> dict[str, str]:
+    """RDF / h(r) overlay, EV and FV against time, temperature and energy traces, MSD: {name: png path}."""
+    from .plots import bench_figures
+
+    return bench_figures(out, results, sim.trajectory, sim.reference.trajectory, structure.arrays)
