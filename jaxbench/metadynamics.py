@@ -147,11 +147,11 @@ def fes(meta: Metadynamics, hills: Hills, grid):
 
 
 def dihedral(p0, p1, p2, p3):
-    """Dihedral angle (rad, in (-pi, pi]) of four points, IUPAC sign convention (as ase.Atoms.get_dihedral)."""
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    n1, n2 = jnp.cross(b0, b1), jnp.cross(b1, b2)
-    m1 = jnp.cross(n1, b1 / jnp.linalg.norm(b1))
-    return jnp.arctan2(jnp.dot(m1, n2), jnp.dot(n1, n2))
+    """Dihedral angle (rad, in (-pi, pi]) of four points, IUPAC sign convention (as OpenMM's torsion
+    `theta` and ase.Atoms.get_dihedral modulo 2 pi)."""
+    b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
+    n1, n2 = jnp.cross(b1, b2), jnp.cross(b2, b3)
+    return jnp.arctan2(jnp.linalg.norm(b2) * jnp.dot(b1, n2), jnp.dot(n1, n2))
 
 
 def dihedral_cv(*quadruples: tuple[int, int, int, int]) -> Callable:
