@@ -26,7 +26,8 @@ SPCFW = dict(
 )
 
 
-def _openmm():
+def openmm_modules():
+    """(openmm, openmm.app, openmm.unit), with a clear error when OpenMM is not installed."""
     try:
         import openmm
         from openmm import app, unit
@@ -46,7 +47,7 @@ def _platform(openmm, threads: int):
 def water_system(n_molecules: int, box_nm: float, cutoff_nm: float, pme_tol: float = 5e-4, dispersion: bool = True,
                  electrostatics: str = "pme"):
     """The SPC/Fw System for `n_molecules` waters (atom order O, H, H per molecule) in a cubic box."""
-    openmm, app, unit = _openmm()
+    openmm, app, unit = openmm_modules()
     p = SPCFW
     sys_ = openmm.System()
     sys_.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*(box_nm if i == j else 0.0 for j in range(3))) for i in range(3)))
@@ -109,7 +110,7 @@ def default_electrostatics(n_molecules: int) -> str:
 
 def _run_frames(sim, n_frames: int, every: int, log, what: str):
     """Sample n_frames states (positions Å, energy eV, forces eV/Å) every `every` steps."""
-    _, _, unit = _openmm()
+    _, _, unit = openmm_modules()
     pos, en, frc = [], [], []
     for i in range(n_frames):
         sim.step(every)
@@ -126,7 +127,7 @@ def _water(n_molecules: int, frames: int, seed: int, log=None, temperature_K: fl
            frame_every_steps: int = 10, equil_npt_ps: float = 20.0, equil_nvt_ps: float = 5.0, pressure_bar: float = 1.01325,
            density_g_cm3: float = 0.997, cutoff_A: float | None = None, friction_per_ps: float = 1.0,
            pme_tolerance: float = 5e-4, threads: int = 1, electrostatics: str | None = None) -> Generated:
-    openmm, app, unit = _openmm()
+    openmm, app, unit = openmm_modules()
     electrostatics = electrostatics or default_electrostatics(n_molecules)
     rng = np.random.default_rng(seed)
     mass = 18.0154 / 0.602214076  # g/mol -> amu per Å^3 at 1 g/cm^3
@@ -246,7 +247,7 @@ def alanine_system():
     """(topology, system, positions nm) of ACE-ALA-NME with amber14 + GBn2, no constraints, no cutoff."""
     import io
 
-    openmm, app, unit = _openmm()
+    openmm, app, unit = openmm_modules()
     pdb = app.PDBFile(io.StringIO(ALANINE_DIPEPTIDE_PDB))
     ff = app.ForceField(*ALANINE_FF)
     system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False)
@@ -257,7 +258,7 @@ def alanine_system():
 def alanine_dipeptide(frames: int, seed: int, log=None, temperature_K: float = 300.0, timestep_fs: float = 1.0,
                       frame_every_ps: float = 2.0, equil_ps: float = 50.0, friction_per_ps: float = 1.0,
                       threads: int = 1) -> Generated:
-    openmm, app, unit = _openmm()
+    openmm, app, unit = openmm_modules()
     rng = np.random.default_rng(seed)
     top, system, x0 = alanine_system()
     integ = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtosecond)
@@ -313,7 +314,7 @@ class OpenMMOracle:
     def context(self, cell_A):
         """An OpenMM Context for this cell: Ewald/PME parameters (alpha, k-vectors or grid) and the
         dispersion correction are fixed when a context is made, so each distinct cell gets its own."""
-        openmm, _, _ = _openmm()
+        openmm, _, _ = openmm_modules()
         key = b"" if cell_A is None else np.asarray(cell_A, float).tobytes()
         if key not in self._contexts:
             if len(self._contexts) > 8:
@@ -326,7 +327,7 @@ class OpenMMOracle:
         return self._contexts[key][0]
 
     def _one(self, x_A: np.ndarray, cell_A: np.ndarray | None):
-        openmm, _, unit = _openmm()
+        openmm, _, unit = openmm_modules()
         if self.periodic:
             if cell_A is None or not np.any(cell_A):
                 raise DataError(f"oracle {self.name}: a periodic system needs a cell")
@@ -401,5 +402,5 @@ def oracle(name: str, n_molecules: int | None = None, cutoff_A: float | None = N
 
 
 def _vec(row):
-    openmm, _, _ = _openmm()
+    openmm, _, _ = openmm_modules()
     return openmm.Vec3(*map(float, row))
