@@ -3,6 +3,7 @@
     fes_grid(meta, hills, grid)          the 2-D F(phi, psi) of a jaxbench metadynamics run, [psi, phi] layout
     marginals(fes_2d, kT)                F(phi), F(psi) by Boltzmann-summing the other angle out
     fes_scores(model, ref, grid, kT)     FaNE eq. 6-7: MAE of F(phi) and F(psi) in kJ/mol over [-pi, pi)
+    sampled_fes(phi, psi, kT, grid)      F(phi, psi) = -kT ln p of unbiased samples (the dataset: FaNE Fig. 5c)
     local_minima(fes_2d, grid, n)        the n deepest local minima of a periodic surface (FaNE's six starts)
     frames_near(phi, psi, minima)        the dataset frame nearest to each minimum (on the torus)
     ramachandran_plot(path, ...)         reference and model surfaces side by side, with F(phi), F(psi)
@@ -49,6 +50,23 @@ def fes_scores(model_fes_2d, ref_fes_2d, grid_rad, kT: float) -> dict:
         score = fes_mae(grid[keep], f_ref[keep] / KJ_PER_MOL_IN_EV, f_model[keep] / KJ_PER_MOL_IN_EV)
         out[name] = {"mae_kJ_mol": score["mean"], "integral_kJ_mol_rad": score["integral"]}
     return out
+
+
+def sampled_fes(phi, psi, kT: float, grid_rad, smooth_rad: float = 0.15) -> np.ndarray:
+    """F(phi, psi) [n_psi, n_phi] (eV, min 0) = -kT ln p of unbiased samples, p a periodic Gaussian kernel
+    density (width `smooth_rad`) on the grid: smooth enough that its local minima are the basins, not
+    sampling noise. Points no sample comes near get a large finite value (40 kT)."""
+    grid = np.asarray(grid_rad, float)
+    phi, psi = np.asarray(phi, float).ravel(), np.asarray(psi, float).ravel()
+
+    def kernel(x):  # [G, S] periodic Gaussian weights
+        d = (grid[:, None] - x[None, :] + np.pi) % TWO_PI - np.pi
+        return np.exp(-0.5 * (d / smooth_rad) ** 2)
+
+    density = kernel(psi) @ kernel(phi).T / len(phi)  # [i_psi, i_phi]
+    floor = density.max() * np.exp(-40.0)
+    f = -kT * np.log(np.maximum(density, floor))
+    return f - f.min()
 
 
 def local_minima(fes_2d, grid_rad, n: int = 6) -> list[tuple[float, float, float]]:

@@ -83,3 +83,19 @@ def test_frames_near_wraps_the_torus():
 def test_ramachandran_plot_writes_a_figure(tmp_path):
     path = fane.ramachandran_plot(tmp_path / "rama.png", GRID, _separable(0.1, 0.05), _separable(0.12, 0.04), KT_300)
     assert (tmp_path / "rama.png").stat().st_size > 10_000 and path.endswith("rama.png")
+
+
+def test_sampled_fes_finds_the_basins_of_the_samples():
+    """Samples drawn around three (phi, psi) basins, one of them across the +-pi edge: the kernel FES has its
+    minima there, and the deepest is the most populated basin."""
+    rng = np.random.default_rng(0)
+    centres = [(-1.4, 2.8, 6000), (-1.3, -0.6, 3000), (np.pi - 0.05, -2.9, 1000)]
+    phi = np.concatenate([rng.normal(c[0], 0.2, c[2]) for c in centres])
+    psi = np.concatenate([rng.normal(c[1], 0.2, c[2]) for c in centres])
+    f = fane.sampled_fes(phi, psi, KT_300, GRID)
+    minima = fane.local_minima(f, GRID, n=3)
+    for (p, q, _), (cp, cq, _) in zip(minima, centres):
+        assert abs((p - cp + np.pi) % (2 * np.pi) - np.pi) < 0.15
+        assert abs((q - cq + np.pi) % (2 * np.pi) - np.pi) < 0.15
+    # populations 6:3:1 -> free-energy differences kT ln 2 and kT ln 6 between the basins
+    assert minima[1][2] - minima[0][2] == pytest.approx(KT_300 * np.log(2), rel=0.15)
