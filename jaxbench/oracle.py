@@ -89,11 +89,11 @@ def _jax_frame_fn(model, numbers, cell, pbc, multiplier, block):
     from jax import lax
 
     from .graph import md_graph
-    from .md import _cached, _neighbor_fns, _system_key
+    from .md.engine import cached, neighbor_fns, system_key
 
     n = len(numbers)
     # skin 0: the list holds exactly the pairs within the cutoff of this frame (rebuilt every frame)
-    nl, _ = _neighbor_fns(cell, pbc, model.cutoff, 0.0, multiplier, n)
+    nl, _ = neighbor_fns(cell, pbc, model.cutoff, 0.0, multiplier, n)
 
     def make():
         def energy(p, x, nbrs):
@@ -109,17 +109,17 @@ def _jax_frame_fn(model, numbers, cell, pbc, multiplier, block):
 
         return nl, jax.jit(f)
 
-    key = ("oracle_frames", model.key, np.asarray(numbers).tobytes(), block) + _system_key(cell, pbc, model.cutoff, 0.0, multiplier)
-    return _cached(key, make)
+    key = ("oracle_frames", model.key, np.asarray(numbers).tobytes(), block) + system_key(cell, pbc, model.cutoff, 0.0, multiplier)
+    return cached(key, make)
 
 
 def _evaluate_jax(model, positions, numbers, cell, pbc, block: int, capacity_multiplier: float):
     import jax
     import jax.numpy as jnp
 
-    from .md import _require_x64
+    from .md.engine import require_x64
 
-    _require_x64()
+    require_x64()
     params = jax.tree.map(jnp.asarray, model.params)
     F = len(positions)
     energies = np.empty(F)

@@ -52,21 +52,23 @@ def test_check_clears_registered_caches_past_the_fraction(monkeypatch):
 
 
 def test_the_project_caches_are_registered():
-    from jaxbench import evaluate, md, metrics, train
+    from jaxbench import evaluate, metrics, train
+    from jaxbench.md import engine as md_engine
 
-    md._CACHE["probe"] = object()
+    md_engine._CACHE["probe"] = object()
     train._FN_CACHE["probe"] = object()
     evaluate._PREDICT_CACHE["probe"] = object()
     metrics._pair_counts_fn(1, 2, (False, False, False), (0, 0), 1, None, 3.0, 4, 0.75, "float64")
     assert metrics._pair_counts_fn.cache_info().currsize >= 1
     compiled.clear()
-    assert "probe" not in md._CACHE and "probe" not in train._FN_CACHE and "probe" not in evaluate._PREDICT_CACHE
+    assert "probe" not in md_engine._CACHE and "probe" not in train._FN_CACHE and "probe" not in evaluate._PREDICT_CACHE
     assert metrics._pair_counts_fn.cache_info().currsize == 0
 
 
 def test_simulate_train_and_evaluate_check_before_they_compile(monkeypatch, tmp_path):
     """Each entry point that compiles asks first (here it raises, so nothing else runs)."""
     from jaxbench import evaluate, md, train
+    from jaxbench.md import driver as md_driver
 
     class Asked(Exception):
         pass
@@ -75,7 +77,7 @@ def test_simulate_train_and_evaluate_check_before_they_compile(monkeypatch, tmp_
         raise Asked
 
     monkeypatch.setattr(compiled, "check", ask)
-    monkeypatch.setattr(md, "check_compiled", ask)
+    monkeypatch.setattr(md_driver, "check_compiled", ask)
     with pytest.raises(Asked):
         md.simulate(None, None, None)
     with pytest.raises(Asked):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxbench import md
 from jaxbench.errors import DataError, JaxbenchError
+from jaxbench.md.potentials import pair_r
 
 A_FCC = 5.8  # Å: liquid argon density (rho sigma^3 ~ 0.81) at T* ~ 1
 BASE = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
@@ -253,7 +254,7 @@ def test_failure_freezes_one_replica_others_go_on():
 def test_bond_criterion_for_molecules_and_failure_hook():
     # an H2 molecule under a purely repulsive pair energy: the bond stretches past 0.5 Å
     def repulsive(g):
-        r, inside = md._pair_r(g, 4.0)
+        r, inside = pair_r(g, 4.0)
         return 0.5 * jnp.sum(jnp.where(inside, 2.0 / r**2, 0.0))
 
     st = md.Start.make([[0, 0, 0], [0.70, 0, 0]], [1, 1], None, False)

@@ -11,6 +11,7 @@ from ase.neighborlist import neighbor_list
 
 from jaxbench import md, oracle
 from jaxbench.errors import JaxbenchError
+from jaxbench.md.potentials import pair_r
 
 from .test_md import argon
 
@@ -19,7 +20,7 @@ SIGMA, EPSILON, RC = 3.405, 0.0104, 7.0
 
 def shifted_lj(graph):
     """The physics of ASE's LennardJones(smooth=False): pair energy shifted to 0 at rc, force jumps."""
-    r, inside = md._pair_r(graph, RC)
+    r, inside = pair_r(graph, RC)
     lj = lambda x: 4 * EPSILON * ((SIGMA / x) ** 12 - (SIGMA / x) ** 6)  # noqa: E731
     return 0.5 * jnp.sum(jnp.where(inside, lj(r) - lj(RC), 0.0))
 

@@ -1,0 +1,307 @@
+"""The host loop around the compiled chunk: :func:`simulate`.
+
+Between chunks the host does what the compiled program cannot: checks neighbor-list overflow (and then
+re-allocates with more capacity and re-runs the chunk from its start state), appends the chunk's
+frames to the H5MD file, updates the progress bar and calls back. Only one chunk of frames lives in
+memory unless arrays are requested, so a crash loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..compiled import check as check_compiled
+from ..errors import JaxbenchError, NeighborListError
+from .engine import Engine, chunk_fn, compiled_engine, neighbor_fns, require_x64
+from .failures import as_hook, describe_failure
+from .potentials import EnergyModel, as_energy_model
+from .protocol import FS_PER_TIME_UNIT, Protocol
+from .start import Start, bonds as replica_bonds, check_start, replica_keys
+
+BATCH_MODES = ("map", "vmap", "vmap_select")
+
+
+def allocate_batch(cell, pbc, cutoff, skin, multiplier, positions, max_tries: int = 8):
+    """Neighbor lists for R replicas with one shared capacity: allocate from every replica's
+    positions, keep the largest, rebuild it for each replica; grow the capacity until nothing
+    overflows. Returns (NeighborListFns, batched Neighbors, multiplier used)."""
+    import jax
+    import jax.numpy as jnp
+
+    positions = np.asarray(positions)
+    for _ in range(max_tries):
+        nl, rebuild = neighbor_fns(cell, pbc, cutoff, skin, multiplier, positions.shape[1])
+        uniq = {positions[r].tobytes(): r for r in range(len(positions))}
+        allocs = [nl.allocate(positions[r]) for r in uniq.values()]
+        template = max(allocs, key=lambda a: a.capacity)
+        template = dataclasses.replace(template, edge_capacity=max(a.edge_capacity for a in allocs))
+        if not bool(template.did_overflow):
+            # force a rebuild for each replica (reference at infinity)
+            template = dataclasses.replace(template, reference_positions=jnp.full_like(template.reference_positions, jnp.inf))
+            nbrs = rebuild(jnp.asarray(positions), template)
+            if not bool(np.any(np.asarray(nbrs.did_overflow))):
+                return nl, nbrs, multiplier
+        multiplier *= 1.5
+    raise NeighborListError(f"neighbor list still overflows at capacity_multiplier {multiplier:.3g} after {max_tries} tries")
+
+
+@dataclasses.dataclass
+class MDResult:
+    """Outcome of :func:`simulate`. ``failed`` [R] bool, ``failure_step`` [R] (-1: none),
+    ``failure_reason`` [R] bit mask (:data:`FAILURE_REASONS`), ``steps_done`` (steps advanced by the
+    batch), ``arrays`` (the trajectory as :func:`jaxbench.trajectory.read` returns it, when kept in
+    memory), ``path`` (the H5MD file, if written), ``timings`` (seconds), ``n_reallocations``, ``seed``
+    (of :func:`simulate`: a reference rollout reuses it)."""
+
+    failed: np.ndarray
+    failure_step: np.ndarray
+    failure_reason: np.ndarray
+    steps_done: int
+    protocol: Protocol
+    path: Path | None = None
+    arrays: dict[str, np.ndarray] | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    n_reallocations: int = 0
+    capacity: int = 0  # neighbor-list slots per replica (pairs within cutoff + skin)
+    edge_capacity: int = 0  # edge slots the model saw per replica (pairs within cutoff), 0: all slots
+    seed: int = 0
+    devices: int = 1  # the replicas were split over this many devices
+
+    @property
+    def failure_time_fs(self) -> np.ndarray:
+        return np.where(self.failure_step >= 0, self.failure_step * self.protocol.timestep_fs, np.nan)
+
+    def summary(self) -> str:
+        lines = []
+        for r in range(len(self.failed)):
+            if self.failed[r]:
+                lines.append(
+                    f"replica {r}: FAILED at step {self.failure_step[r]} ({self.failure_time_fs[r]:.3g} fs): "
+                    f"{describe_failure(self.failure_reason[r])}"
+                )
+            else:
+                lines.append(f"replica {r}: stable for {self.steps_done} steps")
+        return "\n".join(lines)
+
+
+class _Chunks:
+    """The compiled chunk at the current neighbor-list capacity, re-allocated with more when it overflows."""
+
+    def __init__(self, protocol: Protocol, model: EnergyModel, start: Start, failure_fn, batch: str, devices: int):
+        self.protocol, self.model, self.start, self.failure_fn, self.batch, self.devices = (
+            protocol, model, start, failure_fn, batch, devices)
+        nl, self.nbrs, self.mult = allocate_batch(
+            start.cell, start.pbc, model.cutoff, protocol.skin, protocol.capacity_multiplier, start.positions
+        )
+        self.eng, self.compiled = compiled_engine(protocol, model, start, nl, failure_fn, batch, devices)
+        self.n_realloc = 0
+
+    def run(self, params, carry, bonds, n_save: int):
+        """One chunk from ``carry``; an overflowing list is re-allocated and the chunk re-run from ``carry``."""
+        while True:
+            new_carry, obs = chunk_fn(self.compiled, self.eng, n_save)(params, carry, bonds)
+            if not bool(np.any(np.asarray(new_carry[1].did_overflow))):
+                return new_carry, obs
+            self.n_realloc += 1
+            st, p = self.start, self.protocol
+            nl, nbrs_new, self.mult = allocate_batch(
+                st.cell, st.pbc, self.model.cutoff, p.skin, self.mult * 1.5, np.asarray(carry[0].position)
+            )
+            self.eng, self.compiled = compiled_engine(p, self.model, st, nl, self.failure_fn, self.batch, self.devices)
+            carry = (carry[0], nbrs_new) + tuple(carry[2:])
+
+
+class _Recorder:
+    """Where the frames go between chunks: the H5MD file (appended chunk by chunk), memory, a progress bar."""
+
+    def __init__(self, out, keep_arrays: bool, progress: bool, start: Start, protocol: Protocol, masses, metadata, overwrite):
+        self.writer = None
+        if out is not None:
+            from ..trajectory import TrajectoryWriter
+
+            self.writer = TrajectoryWriter(out, start.numbers, masses, start.cell, start.pbc, start.n_replicas,
+                                           protocol.timestep_fs, metadata=metadata, overwrite=overwrite)
+        self.keep_arrays, self.kept, self.steps = keep_arrays, [], []
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=int(protocol.steps), desc=f"MD {protocol.ensemble} x{start.n_replicas}", unit="step",
+                            leave=False)
+
+    def emit(self, steps, obs):
+        obs = {k: np.asarray(v) for k, v in obs.items()}
+        if self.writer is not None:
+            self.writer.append(steps, {k: obs[k] for k in ("position", "velocity", "force")},
+                               {k: obs[k] for k in ("potential_energy", "kinetic_energy", "conserved_energy", "temperature")})
+        if self.keep_arrays:
+            self.kept.append(obs)
+            self.steps.append(np.asarray(steps))
+
+    def chunk_done(self, steps, obs, carry, n_steps: int) -> np.ndarray:
+        """Record a chunk's frames and the replicas' status; returns the failure reasons [R]."""
+        self.emit(steps, obs)
+        reason, fstep = np.asarray(carry[2]), np.asarray(carry[3])
+        if self.writer is not None:
+            self.writer.set_status(reason != 0, fstep, reason)
+            self.writer.flush()
+        if self.bar is not None:
+            self.bar.update(n_steps)
+            self.bar.set_postfix(failed=int((reason != 0).sum()))
+        return reason
+
+    def close(self, complete: bool):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close(complete=complete)
+
+    def arrays(self, protocol: Protocol, start: Start, masses) -> dict | None:
+        """The kept frames as :func:`jaxbench.trajectory.read` returns them (None unless kept)."""
+        if not self.keep_arrays:
+            return None
+        arrays = {k: np.concatenate([o[k] for o in self.kept], axis=1) for k in self.kept[0]}
+        arrays["step"] = np.concatenate(self.steps)
+        arrays["time"] = arrays["step"] * protocol.timestep_fs
+        arrays["species"], arrays["mass"], arrays["cell"], arrays["pbc"] = start.numbers, masses, start.cell, start.pbc
+        return arrays
+
+
+def _checked(model, start: Start, protocol: Protocol, params, cutoff, batch: str, out, overwrite: bool, failure_fn):
+    """Everything a run is refused for, before any compute; returns (protocol, EnergyModel, output path)."""
+    protocol = protocol.validate()
+    model = as_energy_model(model, params=params, cutoff=cutoff)
+    if batch not in BATCH_MODES:
+        raise JaxbenchError(f"batch must be 'map', 'vmap' or 'vmap_select', got '{batch}'")
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not overwrite:
+        raise JaxbenchError(f"output {out} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    check_start(start, model)
+    as_hook(failure_fn)  # a wrong kind of criterion is named before any compute
+    return protocol, model, out
+
+
+def _initial_carry(eng: Engine, compiled: dict, params, start: Start, seed: int, nbrs, bonds):
+    """The scan carry at step 0 (state, neighbors, failure reason, failure step, step, hook memory) and its frame."""
+    import jax.numpy as jnp
+
+    R = start.n_replicas
+    keys = replica_keys(seed, R)
+    momenta = None
+    if start.velocities is not None:
+        momenta = jnp.asarray(start.velocities * FS_PER_TIME_UNIT * eng.masses[None, :, None])
+    state, reason0, init_obs, mem = compiled["init_all"](params, keys, jnp.asarray(start.positions), momenta, nbrs, bonds)
+    carry = (state, nbrs, reason0, jnp.where(reason0 != 0, 0, -1).astype(jnp.int32), jnp.zeros(R, jnp.int32), mem)
+    return carry, init_obs
+
+
+def _result(carry, done: int, protocol: Protocol, out, arrays, timings: dict, t0: float, n_realloc: int, seed, devices):
+    import resource
+
+    reason = np.asarray(carry[2])
+    timings["total_s"] = time.perf_counter() - t0
+    timings["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    return MDResult(
+        failed=reason != 0,
+        failure_step=np.asarray(carry[3]).astype(np.int64),
+        failure_reason=reason,
+        steps_done=done,
+        protocol=protocol,
+        path=out,
+        arrays=arrays,
+        timings=timings,
+        n_reallocations=n_realloc,
+        capacity=int(carry[1].senders.shape[-1]),
+        edge_capacity=int(carry[1].edge_capacity),
+        seed=int(seed),
+        devices=devices,
+    )
+
+
+def simulate(
+    model,
+    start: Start,
+    protocol: Protocol,
+    params=None,
+    seed: int = 0,
+    out=None,
+    overwrite: bool = False,
+    keep_arrays: bool | None = None,
+    failure_fn: Callable | None = None,
+    batch: str = "map",
+    progress: bool = True,
+    callback: Callable | None = None,
+    cutoff: float | None = None,
+    metadata: dict | None = None,
+    devices: int | None = None,
+) -> MDResult:
+    """Run ``protocol`` from ``start`` with ``model`` for all replicas as one compiled batch.
+
+    Args:
+      model: a ``Potential`` (pass ``params``), an :class:`EnergyModel`, or ``fn(graph) -> scalar``
+        (pass ``cutoff``).
+      start: :class:`Start` (``Start.make(...)`` or :func:`start_from_frames`); its replica count wins
+        over ``protocol.replicas``.
+      seed: replica r's Maxwell–Boltzmann velocities (and Langevin noise) come from
+        ``jax.random.fold_in(PRNGKey(seed), r)`` (:func:`replica_keys`): replica r is the same
+        whatever the number of replicas.
+      out: H5MD file to append to chunk by chunk (refused if it exists unless ``overwrite``).
+      keep_arrays: also return the trajectory in memory (default: only when ``out`` is None).
+      failure_fn: ``failure_fn(state) -> bool`` on a jax-md state (``state.position`` [N, 3] Å, ...),
+        checked at every saved frame, or a :class:`FailureHook` (a criterion with memory, e.g.
+        :func:`jaxbench.metrics.rdf_stability_hook`).
+      batch: 'map' (``lax.map`` over replicas, default), 'vmap' (batched step with one outer
+        neighbor-rebuild cond) or 'vmap_select' (plain vmap of the per-replica chunk).
+      devices: split the replicas over this many local devices (each runs its share with ``batch``);
+        default: all local devices, at most one per replica. On a CPU call
+        :func:`jaxbench.use_cpu_devices` before JAX starts to get one device per core.
+      callback: called after every chunk with a dict (chunk, steps_done, failed, path).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from ..devices import count as device_count
+
+    require_x64()
+    check_compiled()  # before this run compiles: a long session's cached programs stay under the kernel's limit
+    protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn)
+    keep_arrays = out is None if keep_arrays is None else keep_arrays
+    devices = device_count(devices, start.n_replicas, JaxbenchError)
+    t0 = time.perf_counter()
+
+    chunks = _Chunks(protocol, model, start, failure_fn, batch, devices)
+    params = jax.tree.map(jnp.asarray, model.params)
+    bonds = tuple(jnp.asarray(b) for b in replica_bonds(start, protocol.bond_factor))
+    carry, init_obs = _initial_carry(chunks.eng, chunks.compiled, params, start, seed, chunks.nbrs, bonds)
+    meta = {**dict(protocol=protocol.to_dict(), model=model.name, seed=int(seed), batch=batch, devices=devices,
+                   frame_indices=list(start.frame_indices)), **(metadata or {})}
+    rec = _Recorder(out, keep_arrays, progress, start, protocol, chunks.eng.masses, meta, overwrite)
+    rec.emit(np.array([0]), {k: v[:, None] for k, v in init_obs.items()})
+
+    every, chunk, total = int(protocol.save_every), int(protocol.chunk_steps), int(protocol.steps)
+    timings = {"setup_s": time.perf_counter() - t0, "first_chunk_s": 0.0, "chunks_s": 0.0}
+    done = 0
+    try:
+        for c in range(math.ceil(total / chunk)):
+            steps_here = min(chunk, total - done)
+            n_save = steps_here // every
+            tc = time.perf_counter()
+            new_carry, obs = chunks.run(params, carry, bonds, n_save)
+            jax.block_until_ready(new_carry)
+            timings["first_chunk_s" if c == 0 else "chunks_s"] += time.perf_counter() - tc
+            carry, done = new_carry, done + steps_here
+            reason = rec.chunk_done(done - steps_here + every * np.arange(1, n_save + 1), obs, carry, steps_here)
+            if callback is not None:
+                callback(dict(chunk=c, steps_done=done, failed=reason != 0, path=out))
+            if np.all(reason != 0):
+                break
+    finally:
+        rec.close(complete=done >= total or bool(np.all(np.asarray(carry[2]) != 0)))
+    arrays = rec.arrays(protocol, start, chunks.eng.masses)
+    return _result(carry, done, protocol, out, arrays, timings, t0, chunks.n_realloc, seed, devices)

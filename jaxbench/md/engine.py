@@ -1,0 +1,315 @@
+"""The compiled chunk: a jitted ``lax.scan`` over the steps of one chunk, state in, state and frames out.
+
+Nothing here touches the host: no IO, no syncs, so the whole chunk stays one XLA program. Replicas
+are one batch (``lax.map`` by default, ``vmap`` on request), split over the local devices with
+``shard_map``; the neighbor list is updated inside the scan and its overflow only flagged, for the
+driver to act on between chunks. Compiled pieces are cached by everything that changes their code,
+so repeated simulations of one system reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ..compiled import register as register_compiled
+from ..errors import JaxbenchError
+from .failures import PADDING_REPLICA, FailureHook, apply_hook, as_hook, failure_mask
+from .integrators import integrator
+from .potentials import EnergyModel
+from .protocol import FS_PER_TIME_UNIT, KB_EV_PER_K, Protocol
+from .start import Start
+
+
+def require_x64():
+    """Raise unless JAX runs in float64: the integration needs it."""
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        raise JaxbenchError(
+            "MD integrates in float64: enable it first with jax.config.update('jax_enable_x64', True) "
+            "(the `jaxbench simulate` command does this)"
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Engine:
+    """Compiled functions for one (protocol, model, system, neighbor-list settings)."""
+
+    protocol: Protocol
+    model: EnergyModel
+    numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    nl: Any  # NeighborListFns
+    hook: FailureHook | None
+    batch: str  # 'map' | 'vmap'
+    devices: int = 1  # replicas split over this many local devices (shard_map), each runs `batch`
+
+    # -- physics -------------------------------------------------------------------------------
+    def energy(self, R, neighbor=None, params=None, **unused):
+        from ..graph import md_graph
+
+        g = md_graph(R, self.numbers, self.cell, self.pbc, neighbor)
+        return self.model.fn(params, g)
+
+    @property
+    def masses(self):
+        from ase.data import atomic_masses
+
+        return np.asarray(atomic_masses[self.numbers], np.float64)
+
+    def integrator(self):
+        return integrator(self.protocol, self.energy)
+
+    def observables(self, state, nbrs, params):
+        import jax.numpy as jnp
+
+        pe = self.energy(state.position, neighbor=nbrs, params=params)
+        ke = 0.5 * jnp.sum(state.momentum**2 / state.mass)
+        n = state.position.shape[0]
+        temp = 2.0 * ke / (3 * n * KB_EV_PER_K)
+        conserved = pe + ke
+        if self.protocol.ensemble == "nvt_nose_hoover":
+            c = state.chain
+            kT = self.protocol.kT
+            conserved = conserved + c.momentum[0] ** 2 / (2 * c.mass[0]) + 3 * n * kT * c.position[0]
+            conserved = conserved + jnp.sum(c.momentum[1:] ** 2 / (2 * c.mass[1:]) + kT * c.position[1:])
+        return dict(
+            position=state.position,
+            velocity=state.momentum / state.mass / FS_PER_TIME_UNIT,
+            force=state.force,
+            potential_energy=pe,
+            kinetic_energy=ke,
+            conserved_energy=conserved,
+            temperature=temp,
+        )
+
+    def check(self, state, bonds):
+        """Failure bit mask (int32) of one replica's state."""
+        return failure_mask(state, bonds)
+
+    # -- one replica ---------------------------------------------------------------------------
+    def chunk_one(self, params, carry, bonds, n_save: int):
+        """Advance one replica by n_save * save_every steps; returns (carry, per-frame observables)."""
+        import jax
+        import jax.numpy as jnp
+        from jax import lax
+
+        _, apply_fn = self.integrator()
+        update = self.nl.update
+        every = int(self.protocol.save_every)
+
+        def where(c, a, b):
+            return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+
+        def step(c, _):
+            state, nbrs, reason, fstep, k, mem = c
+
+            def advance(args):
+                state, nbrs = args
+                new = apply_fn(state, neighbor=nbrs, params=params)
+                new_nbrs = update(new.position, nbrs)
+                bad = self.check(new, bonds)
+                return where(bad != 0, state, new), where(bad != 0, nbrs, new_nbrs), bad
+
+            def frozen(args):
+                return args[0], args[1], jnp.zeros((), jnp.int32)
+
+            state, nbrs, bad = lax.cond(reason != 0, frozen, advance, (state, nbrs))
+            fstep = jnp.where((reason == 0) & (bad != 0), k + 1, fstep)
+            return (state, nbrs, reason | bad, fstep, k + 1, mem), None
+
+        def save(c, _):
+            c, _ = lax.scan(step, c, None, length=every)
+            if self.hook is not None:
+                c = self.apply_hook(c, self.hook.update)
+            obs = self.observables(c[0], c[1], params)
+            return c, obs
+
+        return lax.scan(save, carry, None, length=n_save)
+
+    def apply_hook(self, c, update):
+        """The saved-frame criterion on carry ``c`` (one replica, or a batch with a vmapped ``update``)."""
+        return apply_hook(c, update, self.protocol.save_every)
+
+    # -- batched -------------------------------------------------------------------------------
+    def run_chunk(self, params, carry, bonds, n_save: int):
+        if self.devices > 1:
+            return self.run_chunk_sharded(params, carry, bonds, n_save)
+        return self.run_chunk_local(params, carry, bonds, n_save)
+
+    def run_chunk_sharded(self, params, carry, bonds, n_save: int):
+        """Replicas split over `devices` local devices, each device running its share with `batch`.
+        On a CPU host made of several XLA devices (:func:`jaxbench.use_cpu_devices`) each share runs on
+        its own core: one XLA program keeps ~1.3-1.6 of 2 cores busy (its small ops are serial),
+        two keep both (BENCHMARKS.md). A replica count that does not divide is padded with frozen
+        copies of replica 0 (failure bit set: skipped under 'map', computed and discarded under 'vmap'),
+        dropped again on the way out."""
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import PartitionSpec as P
+
+        from ..devices import mesh
+
+        R = carry[2].shape[0]
+        n_dev = self.devices
+        pad = -R % n_dev
+
+        def padded(x):
+            return jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0) if pad else x
+
+        carry_p, bonds_p = jax.tree.map(padded, (carry, bonds))
+        if pad:
+            reason = carry_p[2].at[R:].set(PADDING_REPLICA)
+            carry_p = carry_p[:2] + (reason,) + tuple(carry_p[3:])
+        local = jax.shard_map(
+            lambda p, c, b: self.run_chunk_local(p, c, b, n_save), mesh=mesh(n_dev, "replica"),
+            in_specs=(P(), P("replica"), P("replica")), out_specs=(P("replica"), P("replica")), check_vma=False,
+        )
+        new_carry, obs = local(params, carry_p, bonds_p)
+        return jax.tree.map(lambda x: x[:R], (new_carry, obs))
+
+    def run_chunk_local(self, params, carry, bonds, n_save: int):
+        import jax
+        from jax import lax
+
+        f = lambda c, b: self.chunk_one(params, c, b, n_save)  # noqa: E731
+        if self.batch == "vmap_select":
+            return jax.vmap(f)(carry, bonds)
+        if self.batch == "vmap":
+            return self.chunk_batched(params, carry, bonds, n_save)
+        return lax.map(lambda x: f(*x), (carry, bonds))
+
+    def chunk_batched(self, params, carry, bonds, n_save: int):
+        """vmap layout with ONE outer ``lax.cond`` for the neighbor rebuild ("does any replica need
+        one?"): a plain vmap of the per-replica step turns each replica's rebuild cond into a select,
+        i.e. a rebuild at every step. Frozen replicas are computed and discarded (select)."""
+        import jax
+        import jax.numpy as jnp
+        from jax import lax
+
+        from ..neighbors import needs_rebuild
+
+        _, apply_fn = self.integrator()
+        update = self.nl.update
+        skin = float(self.nl.skin)
+        every = int(self.protocol.save_every)
+
+        def where(mask, a, b):
+            return jax.tree.map(lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
+
+        def step(c, _):
+            state, nbrs, reason, fstep, k, mem = c
+            new = jax.vmap(lambda s, nb: apply_fn(s, neighbor=nb, params=params))(state, nbrs)
+            need = jax.vmap(lambda x, nb: needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
+            check = jax.vmap(self.nl.check) if self.nl.check is not None else (lambda x, n: n)
+            new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: check(new.position, n), nbrs)
+            bad = jax.vmap(self.check)(new, bonds)
+            bad = jnp.where(reason != 0, 0, bad)
+            keep = (reason != 0) | (bad != 0)
+            fstep = jnp.where((reason == 0) & (bad != 0), k + 1, fstep)
+            return (where(keep, state, new), where(keep, nbrs, new_nbrs), reason | bad, fstep, k + 1, mem), None
+
+        def save(c, _):
+            c, _ = lax.scan(step, c, None, length=every)
+            if self.hook is not None:
+                c = self.apply_hook(c, jax.vmap(self.hook.update))
+            obs = jax.vmap(lambda s, nb: self.observables(s, nb, params))(c[0], c[1])
+            return c, obs
+
+        c, obs = lax.scan(save, carry, None, length=n_save)
+        return c, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), obs)
+
+    def init(self, params, keys, positions, momenta, nbrs):
+        """Batched jax-md init (forces at the start, Maxwell–Boltzmann momenta unless given)."""
+        import jax
+
+        init_fn, _ = self.integrator()
+        mass = self.masses
+        kT = self.protocol.kT
+
+        def one(key, R, P, nb):
+            return init_fn(key, R, mass=mass, kT=kT, momenta=P, neighbor=nb, params=params)
+
+        if momenta is None:
+            return jax.vmap(lambda k, R, nb: one(k, R, None, nb))(keys, positions, nbrs)
+        return jax.vmap(one)(keys, positions, momenta, nbrs)
+
+
+_CACHE: dict = {}
+_CACHE_MAX = 64
+register_compiled(_CACHE.clear)
+
+
+def cached(key, make):
+    """Small process-wide cache of compiled pieces: repeated simulations of the same system and
+    protocol physics reuse their jitted functions instead of recompiling (tests, sweeps)."""
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def system_key(cell, pbc, cutoff, skin, multiplier):
+    """Cache key of everything about a system and its neighbor list that changes compiled code."""
+    return (np.asarray(cell, np.float64).tobytes(), np.asarray(pbc, bool).tobytes(), float(cutoff), float(skin), float(multiplier))
+
+
+def neighbor_fns(cell, pbc, cutoff, skin, multiplier, n_atoms):
+    """Cached (NeighborListFns, jitted batched rebuild) of one system and list setting."""
+    from ..neighbors import md_neighbor_list
+
+    def make():
+        # with a skin, the model sees only the pairs within the cutoff (the skin shell is ~30% of the list)
+        nl = md_neighbor_list(cell, pbc, cutoff, skin=skin, capacity_multiplier=multiplier, n_atoms=n_atoms,
+                              compact_edges=skin > 0)
+        rebuild = jax_jit(lambda P, t: __import__("jax").lax.map(lambda p: nl.update(p, t), P))
+        return nl, rebuild
+
+    return cached(("nl", n_atoms) + system_key(cell, pbc, cutoff, skin, multiplier), make)
+
+
+def jax_jit(f):
+    """``jax.jit`` with JAX imported on first use."""
+    import jax
+
+    return jax.jit(f)
+
+
+def compiled_engine(protocol: Protocol, model: EnergyModel, start: Start, nl, failure_fn, batch, devices: int = 1):
+    """The engine and its jitted functions, cached by everything that changes the compiled code."""
+    import jax
+    import jax.numpy as jnp
+
+    phys = dataclasses.replace(protocol, steps=1, replicas=1, chunk_steps=protocol.save_every, name="", reference="",
+                               replica_init="velocities", frame_split="test")
+    key = ("engine", phys, model.key, start.numbers.tobytes(), id(nl), id(failure_fn), batch, devices)
+
+    def make():
+        eng = Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, as_hook(failure_fn), batch, devices)
+
+        def init_all(params, keys, positions, momenta, nbrs, bonds):
+            state = eng.init(params, keys, positions, momenta, nbrs)
+            # a start that already violates a criterion fails at step 0
+            reason = jax.vmap(eng.check)(state, bonds)
+            obs = jax.vmap(lambda s, nb: eng.observables(s, nb, params))(state, nbrs)
+            mem = jax.vmap(eng.hook.init)(state) if eng.hook is not None else jnp.zeros(reason.shape, jnp.int32)
+            return state, reason, obs, mem
+
+        # keep model / hook alive so their ids stay unique while cached
+        return eng, {"init_all": jax.jit(init_all), "_keep": (model, failure_fn)}
+
+    return cached(key, make)
+
+
+def chunk_fn(compiled: dict, eng: Engine, n_save: int):
+    """The jitted chunk of ``n_save`` saved frames of ``eng``, kept in its ``compiled`` dict."""
+    import jax
+
+    if n_save not in compiled:
+        compiled[n_save] = jax.jit(lambda p, c, b, e=eng: e.run_chunk(p, c, b, n_save))
+    return compiled[n_save]

@@ -1,0 +1,169 @@
+"""MD protocols: the settings of one run (a ``sims/*.yaml`` card or built in Python) and their units.
+
+Users give times in fs and temperatures in K; jax-md integrates in its natural time unit
+sqrt(amu Å^2 / eV) = 10.1805 fs (:data:`FS_PER_TIME_UNIT`), so the conversions live on the
+:class:`Protocol` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import JaxbenchError
+
+FS_PER_TIME_UNIT = 10.180505671156725  # sqrt(amu Å^2 / eV) in fs (= 1 / ase.units.fs)
+KB_EV_PER_K = 8.617333262e-5
+ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
+MAX_TIMESTEP_FS = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One MD protocol (a ``sims/*.yaml`` card or built in Python). Times in fs, temperature in K.
+
+    ensemble: 'nve' (velocity Verlet), 'nvt_langevin' (BAOAB, ``friction_per_fs``), or
+      'nvt_nose_hoover' (chain of ``chain_length``, coupling time ``tau_fs``, default 100 dt).
+    temperature_K: target (NVT) and initial Maxwell–Boltzmann temperature (all ensembles).
+    replica_init: 'velocities' (one frame, distinct velocity seeds) or 'frames' (distinct frames,
+      spread evenly over the split, each with its own seed).
+    save_every: steps between saved frames; chunk_steps: steps per compiled chunk (a multiple of
+      save_every; overflow checks, disk writes and progress happen between chunks).
+    skin: neighbor-list skin (Å); capacity_multiplier: initial neighbor-list capacity factor.
+    bond_factor: molecules' bonds are pairs closer than bond_factor * (r_cov_i + r_cov_j) in the first
+      frame. 1.2 because the plain sum misses most bonds of thermal frames (MD17 ethanol: 1-2 of 8
+      at 1.0, all 8 at 1.1-1.3; aspirin 14-15 of 21 at 1.0, 21 at 1.1-1.3).
+    """
+
+    ensemble: str = "nvt_nose_hoover"
+    temperature_K: float = 300.0
+    timestep_fs: float = 1.0
+    steps: int = 1000
+    replicas: int = 5
+    friction_per_fs: float = 0.01
+    tau_fs: float | None = None
+    chain_length: int = 3
+    save_every: int = 10
+    chunk_steps: int = 100
+    replica_init: str = "velocities"
+    frame_split: str = "test"
+    skin: float = 0.5
+    capacity_multiplier: float = 1.25
+    bond_factor: float = 1.2
+    name: str = ""
+    reference: str = ""
+
+    def replace(self, **kw) -> "Protocol":
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def validate(self) -> "Protocol":
+        """Raise JaxbenchError for non-physical or inconsistent values (before any compute)."""
+        where = f"protocol '{self.name}': " if self.name else "protocol: "
+        if self.ensemble not in ENSEMBLES:
+            raise JaxbenchError(f"{where}unknown ensemble '{self.ensemble}' (use one of {', '.join(ENSEMBLES)})")
+        if not (np.isfinite(self.temperature_K) and self.temperature_K > 0):
+            raise JaxbenchError(f"{where}temperature must be > 0 K, got {self.temperature_K}")
+        if not (np.isfinite(self.timestep_fs) and 0 < self.timestep_fs <= MAX_TIMESTEP_FS):
+            raise JaxbenchError(f"{where}timestep must be in (0, {MAX_TIMESTEP_FS}] fs, got {self.timestep_fs}")
+        if int(self.steps) != self.steps or self.steps <= 0:
+            raise JaxbenchError(f"{where}steps must be a positive integer, got {self.steps}")
+        if int(self.replicas) != self.replicas or self.replicas <= 0:
+            raise JaxbenchError(f"{where}replicas must be a positive integer, got {self.replicas}")
+        if self.save_every <= 0 or self.chunk_steps <= 0 or self.chunk_steps % self.save_every:
+            raise JaxbenchError(
+                f"{where}chunk_steps ({self.chunk_steps}) must be a positive multiple of save_every ({self.save_every})"
+            )
+        if self.steps % self.save_every:
+            raise JaxbenchError(f"{where}steps ({self.steps}) must be a multiple of save_every ({self.save_every})")
+        if self.ensemble == "nvt_langevin" and not self.friction_per_fs > 0:
+            raise JaxbenchError(f"{where}Langevin friction must be > 0 1/fs, got {self.friction_per_fs}")
+        if self.ensemble == "nvt_nose_hoover":
+            if self.tau_fs is not None and not self.tau_fs > 0:
+                raise JaxbenchError(f"{where}Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
+            if int(self.chain_length) < 1:
+                raise JaxbenchError(f"{where}chain_length must be >= 1, got {self.chain_length}")
+        if self.replica_init not in ("velocities", "frames"):
+            raise JaxbenchError(f"{where}replica_init must be 'velocities' or 'frames', got '{self.replica_init}'")
+        if not self.skin >= 0:
+            raise JaxbenchError(f"{where}skin must be >= 0, got {self.skin}")
+        return self
+
+    @property
+    def kT(self) -> float:
+        return KB_EV_PER_K * float(self.temperature_K)
+
+    @property
+    def dt(self) -> float:
+        """Timestep in jax-md time units."""
+        return float(self.timestep_fs) / FS_PER_TIME_UNIT
+
+    @property
+    def tau(self) -> float:
+        return (100.0 * self.timestep_fs if self.tau_fs is None else float(self.tau_fs)) / FS_PER_TIME_UNIT
+
+    @property
+    def gamma(self) -> float:
+        return float(self.friction_per_fs) * FS_PER_TIME_UNIT
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Protocol":
+        fields = {f.name for f in dataclasses.fields(Protocol)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise JaxbenchError(f"protocol: unknown keys {unknown} (known: {sorted(fields)})")
+        return Protocol(**d)
+
+
+SIMS_DIR = Path(__file__).resolve().parents[2] / "sims"  # source-tree location; protocol_cards() searches the packaged cards
+
+
+def protocol_cards(directory=None) -> dict[str, Path]:
+    """Protocol card files by name (``sims/<name>.yaml``)."""
+    if directory:
+        return {p.stem: p for p in sorted(Path(directory).glob("*.yaml"))}
+    from ..cards import search_dirs
+
+    # the packaged cards (installed or source tree), then users' card folders ($JAXBENCH_CARDS)
+    out: dict[str, Path] = {}
+    for d in search_dirs("sims"):
+        for p in sorted(d.glob("*.yaml")):
+            out.setdefault(p.stem, p)
+    return out
+
+
+def load_protocol(name_or_path, dataset: str | None = None) -> Protocol:
+    """A protocol card: a path to a YAML file or a card name in ``sims/``.
+
+    A card has top-level protocol keys (defaults) and optionally ``datasets: {name: {overrides}}``;
+    with ``dataset`` given, its overrides apply (a card listing datasets refuses others).
+    """
+    import yaml
+
+    p = Path(name_or_path)
+    if not p.is_file():
+        cards = protocol_cards()
+        if str(name_or_path) not in cards:
+            from ..errors import UnknownNameError
+
+            raise UnknownNameError("protocol card", str(name_or_path), cards)
+        p = cards[str(name_or_path)]
+    with open(p) as fh:
+        card = yaml.safe_load(fh) or {}
+    per = card.pop("datasets", None) or {}
+    card.pop("description", None)
+    card.setdefault("name", p.stem)
+    if dataset is not None and per:
+        if dataset not in per:  # family entries: 'lips20' covers 'lips20-P2S5'
+            fam = [k for k in per if dataset.startswith(k + "-")]
+            if fam:
+                dataset = max(fam, key=len)
+        if dataset not in per:
+            raise JaxbenchError(f"protocol card {p} has no entry for dataset '{dataset}' (it has: {', '.join(per)})")
+        card.update(per[dataset] or {})
+    return Protocol.from_dict(card).validate()
