@@ -149,52 +149,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _load_model_for_simulate(spec: str):
-    """RUN: a trained run directory (jaxbench.runs.load_potential), or 'module:attr' naming an
-    EnergyModel, a (Potential, params) pair, or a zero-argument factory of either
-    (e.g. 'jaxbench.md:morse')."""
-    import importlib
-    from pathlib import Path
-
-    from . import md
-    from .errors import JaxbenchError
-
-    if Path(spec).is_dir():
-        from .runs import load_potential
-
-        pot, params = load_potential(spec, which="best")
-        return md.as_energy_model(pot, params=params)
-    if ":" in spec:
-        mod, _, attr = spec.partition(":")
-        try:
-            obj = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise JaxbenchError(f"cannot import energy model '{spec}': {e}") from None
-        if callable(obj) and not isinstance(obj, md.EnergyModel):
-            obj = obj()
-        if isinstance(obj, tuple):
-            return md.as_energy_model(obj[0], params=obj[1])
-        return md.as_energy_model(obj)
-    raise JaxbenchError(f"RUN '{spec}' is neither a run directory nor 'module:attr'")
-
-
 def _rdf_stability_hook(spec, protocol, start, args):
     """FaNE eq. 8 in the MD engine, against the dataset's frames at the protocol's temperature."""
-    from .bench import BenchSettings, _rdf_hook, _split_reference
     from .errors import JaxbenchError
-    from .tasks import _reference_split
+    from .reference import reference_frames, reference_split
+    from .scoring import BenchSettings, rdf_failure_hook
 
     if not spec.periodic:
         raise JaxbenchError(f"--rdf-stability: dataset '{spec.name}' is not periodic (molecules use the bond criterion, "
                             "which is always on)")
-    split = _reference_split(spec.name, protocol)
+    split = reference_split(spec.name, protocol)
     if split is None:
         raise JaxbenchError(f"--rdf-stability: dataset '{spec.name}' has no reference frames at {protocol.temperature_K:g} K")
-    ref_pos, ref_cells = _split_reference(spec.name, split, start.n_atoms, args.data_dir)
+    ref_pos, ref_cells = reference_frames(spec.name, split, start.n_atoms, args.data_dir)
     if ref_pos is None:
         raise JaxbenchError(f"--rdf-stability: the frames of '{spec.name}' split '{split}' do not all have the simulated atoms")
     settings = BenchSettings(rdf_stability_window_fs=args.rdf_window_fs, rdf_stability_threshold=args.rdf_threshold)
-    hook, window = _rdf_hook(start, ref_pos, ref_cells, protocol, settings)
+    hook, window = rdf_failure_hook(start, ref_pos, ref_cells, protocol, settings)
     if hook is None:
         raise JaxbenchError(f"--rdf-stability: {window}")
     return hook
@@ -210,6 +181,7 @@ def cmd_simulate(args) -> int:
 
     from . import data, md
     from .errors import JaxbenchError
+    from .runs import load_energy_model
 
     spec = data.get(args.dataset)
     protocol = md.load_protocol(args.protocol or "egraffbench", dataset=spec.name)
@@ -231,7 +203,7 @@ def cmd_simulate(args) -> int:
     traj = out_dir / "trajectory.h5"
     if traj.exists() and not args.overwrite:
         raise JaxbenchError(f"output {traj} exists; refusing to overwrite it (pass --overwrite)")
-    model = _load_model_for_simulate(args.run)
+    model = load_energy_model(args.run)
     frames = data.load(spec.name, protocol.frame_split, data_dir=args.data_dir)
     start = md.start_from_frames(frames, protocol.replicas, protocol.replica_init)
     hook = None

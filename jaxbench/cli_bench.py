@@ -34,9 +34,9 @@ def cmd_bench(args) -> int:
     _x64()
     oracle = None
     if args.oracle:
-        from .cli import _load_model_for_simulate
+        from .runs import load_energy_model
 
-        oracle = _load_model_for_simulate(args.oracle)
+        oracle = load_energy_model(args.oracle)
     from .errors import JaxbenchError
 
     if args.model is None and args.run is None:

@@ -139,26 +139,26 @@ def quickstart(out="quickstart", train_budget: str = "90s", steps: int | None = 
 
 
 def summary_table(r: dict[str, Any]) -> str:
-    from .report import _fmt, _ms
+    from .report import fmt, mean_std
 
     acc, st, v, dyn = r["accuracy"], r.get("structure", {}), r.get("violation", {}), r.get("dynamics", {})
     sim, stab = r["simulation"], r["stability"]
     rows = [
-        ("energy MAE (test)", f"{_fmt(acc.get('energy_mae_meV_atom'))} meV/atom"),
-        ("force MAE (test)", f"{_fmt(acc.get('forces_mae_meV_A'))} meV/Å"),
+        ("energy MAE (test)", f"{fmt(acc.get('energy_mae_meV_atom'))} meV/atom"),
+        ("force MAE (test)", f"{fmt(acc.get('forces_mae_meV_A'))} meV/Å"),
         ("replicas failed", f"{sum(sim['failed'])} of {sim['replicas']}"),
-        ("stable time", f"{_ms(stab['stable_time_fs'])} of {stab['simulated_time_fs']:g} fs"),
+        ("stable time", f"{mean_std(stab['stable_time_fs'])} of {stab['simulated_time_fs']:g} fs"),
     ]
     if st and not st.get("not_applicable"):
-        rows += [("RDF Wright's factor", f"{_ms(st['wright_factor_pct'])} % (ref-vs-ref floor "
-                                         f"{_fmt((st.get('noise_floor_reference_halves') or {}).get('wright_factor_pct'))} %)"),
-                 ("RDF JSD", f"{_ms(st['jsd_nats'])} nats")]
+        rows += [("RDF Wright's factor", f"{mean_std(st['wright_factor_pct'])} % (ref-vs-ref floor "
+                                         f"{fmt((st.get('noise_floor_reference_halves') or {}).get('wright_factor_pct'))} %)"),
+                 ("RDF JSD", f"{mean_std(st['jsd_nats'])} nats")]
     if v and not v.get("not_applicable"):
-        rows += [("EV (geometric mean) x1e5", _ms(v["EV"], 1e5)), ("FV (geometric mean)", _ms(v["FV"]))]
+        rows += [("EV (geometric mean) x1e5", mean_std(v["EV"], 1e5)), ("FV (geometric mean)", mean_std(v["FV"]))]
     if dyn and not dyn.get("not_applicable"):
         ref = dyn.get("reference_diffusivity_cm2_s") or {}
         for el, s in dyn["diffusivity_cm2_s"].items():
-            rows.append((f"D({el}) model / oracle", f"{_ms(s, 1e5)} / {_ms(ref.get(el), 1e5) if el in ref else '—'} 1e-5 cm²/s"))
-    rows.append(("speed", f"{_fmt(sim['speed']['atom_steps_per_s'])} atom-steps/s ({_fmt(sim['speed']['ns_per_day'])} ns/day)"))
+            rows.append((f"D({el}) model / oracle", f"{mean_std(s, 1e5)} / {mean_std(ref.get(el), 1e5) if el in ref else '—'} 1e-5 cm²/s"))
+    rows.append(("speed", f"{fmt(sim['speed']['atom_steps_per_s'])} atom-steps/s ({fmt(sim['speed']['ns_per_day'])} ns/day)"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"  {a.ljust(w)}  {b}" for a, b in rows)

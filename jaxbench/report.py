@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import JaxbenchError
+
 DATASET_LABELS = {
     "md17-aspirin": "Aspirin", "md17-ethanol": "Ethanol", "md17-naphthalene": "Naphthalene",
     "md17-salicylic_acid": "Salicylic acid", "3bpa": "3BPA", "acac": "Acetylacetone", "lips": "LiPS",
@@ -49,7 +51,8 @@ def paper_row(table: str, dataset: str, architecture: str | None, paper: str = "
     return None
 
 
-def _fmt(x, digits=3) -> str:
+def fmt(x, digits=3) -> str:
+    """A number for a table: 3 significant digits, "—" for none."""
     if x is None:
         return "—"
     if isinstance(x, str):
@@ -59,11 +62,12 @@ def _fmt(x, digits=3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{max(digits - len(str(int(abs(x)))), 0) + 1}f}".rstrip("0").rstrip(".")
 
 
-def _ms(stat: dict | None, scale: float = 1.0) -> str:
+def mean_std(stat: dict | None, scale: float = 1.0) -> str:
+    """A replica_stats entry as "mean (std)", scaled, "—" when no replica has a value."""
     if not stat or stat.get("mean") is None:
         return "—"
-    s = _fmt(stat["mean"] * scale)
-    return s + (f" ({_fmt(stat['std'] * scale)})" if stat.get("std") is not None else "")
+    s = fmt(stat["mean"] * scale)
+    return s + (f" ({fmt(stat['std'] * scale)})" if stat.get("std") is not None else "")
 
 
 def _value(section: dict | None, key: str):
@@ -86,26 +90,26 @@ def tables(results: list[dict]) -> dict[str, dict[str, Any]]:
         label = f"{name}"
         acc = r.get("accuracy", {})
         p1, p2, p3, p4 = (paper_row(t, ds, arch) for t in ("table1", "table2", "table3", "table4"))
-        t1.append([ds, label, _fmt(acc.get("energy_mae_meV")), _fmt(p1 and p1["E"]), _fmt(acc.get("forces_mae_meV_A")),
-                   _fmt(p1 and p1["F"])])
+        t1.append([ds, label, fmt(acc.get("energy_mae_meV")), fmt(p1 and p1["E"]), fmt(acc.get("forces_mae_meV_A")),
+                   fmt(p1 and p1["F"])])
         st = r.get("structure")
         if st and not st.get("not_applicable"):
-            t2.append([ds, label, _ms(st["jsd_nats"]), _fmt(p2 and p2["JSD"]), _ms(st["wright_factor_pct"]),
-                       _fmt(p2 and p2["WF"]), _fmt((st.get("noise_floor_reference_halves") or {}).get("wright_factor_pct"))])
+            t2.append([ds, label, mean_std(st["jsd_nats"]), fmt(p2 and p2["JSD"]), mean_std(st["wright_factor_pct"]),
+                       fmt(p2 and p2["WF"]), fmt((st.get("noise_floor_reference_halves") or {}).get("wright_factor_pct"))])
         else:
-            t2.append([ds, label, _reason(st), _fmt(p2 and p2["JSD"]), "", _fmt(p2 and p2["WF"]), ""])
+            t2.append([ds, label, _reason(st), fmt(p2 and p2["JSD"]), "", fmt(p2 and p2["WF"]), ""])
         v = r.get("violation")
         if v and not v.get("not_applicable"):
-            t3.append([ds, label, _ms(v["EV"], 1e5), _ms({"mean": p3 and p3["E"], "std": p3 and p3["E_std"]}) if p3 else "—",
-                       _ms(v["FV"]), _ms({"mean": p3["F"], "std": p3["F_std"]}) if p3 else "—"])
+            t3.append([ds, label, mean_std(v["EV"], 1e5), mean_std({"mean": p3 and p3["E"], "std": p3 and p3["E_std"]}) if p3 else "—",
+                       mean_std(v["FV"]), mean_std({"mean": p3["F"], "std": p3["F_std"]}) if p3 else "—"])
         else:
-            t3.append([ds, label, _reason(v), _ms({"mean": p3["E"], "std": p3["E_std"]}) if p3 else "—", "",
-                       _ms({"mean": p3["F"], "std": p3["F_std"]}) if p3 else "—"])
+            t3.append([ds, label, _reason(v), mean_std({"mean": p3["E"], "std": p3["E_std"]}) if p3 else "—", "",
+                       mean_std({"mean": p3["F"], "std": p3["F_std"]}) if p3 else "—"])
         tr, sim = r.get("training", {}), r.get("simulation", {})
         i_tot, n_rep = sim.get("inference_time_min"), sim.get("replicas") or 1
-        i_ours = "—" if i_tot is None else f"{_fmt(i_tot)} / {_fmt(i_tot / n_rep)}"
-        t4.append([ds, label, _fmt(tr.get("time_per_epoch_min")), _fmt(p4 and p4["T"]), i_ours,
-                   _fmt(p4 and p4["I"]), _fmt((sim.get("speed") or {}).get("atom_steps_per_s"))])
+        i_ours = "—" if i_tot is None else f"{fmt(i_tot)} / {fmt(i_tot / n_rep)}"
+        t4.append([ds, label, fmt(tr.get("time_per_epoch_min")), fmt(p4 and p4["T"]), i_ours,
+                   fmt(p4 and p4["I"]), fmt((sim.get("speed") or {}).get("atom_steps_per_s"))])
     return {
         "table1": {"title": "Table 1: energy MAE (meV) and force MAE (meV/Å), test split",
                    "header": ["dataset", "model", "E ours", "E paper", "F ours", "F paper"], "rows": t1},
@@ -130,9 +134,19 @@ def markdown_table(t: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_results(path) -> dict[str, Any]:
+    """A benchmark's results.json (`path`: the file or its directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise JaxbenchError(f"no benchmark results at {p} (run `jaxbench bench` first)")
+    with open(p) as f:
+        return json.load(f)
+
+
 def report(paths, out=None) -> dict[str, Any]:
     """Tables 1-4 over the benchmark directories `paths`; written to `out` (report.md + table*.csv) if given."""
-    from .bench import load_results
 
     results = [load_results(p) for p in paths]
     tabs = tables(results)
@@ -169,17 +183,17 @@ def write_bench_report(out, r: dict) -> Path:
         lines.append(f"All {sim.get('replicas')} replicas ran {sim.get('steps')} steps without failure.")
     stab = r.get("stability", {})
     if stab.get("stable_time_fs"):
-        lines.append(f"Stable time (fs): {_ms(stab['stable_time_fs'])} of {stab.get('simulated_time_fs')} fs.")
+        lines.append(f"Stable time (fs): {mean_std(stab['stable_time_fs'])} of {stab.get('simulated_time_fs')} fs.")
     dyn = r.get("dynamics", {})
     if dyn and not dyn.get("not_applicable"):
         for el, s in dyn["diffusivity_cm2_s"].items():
             ref = dyn.get("reference_diffusivity_cm2_s") or {}
-            ref_s = _ms(ref.get(el)) if isinstance(ref, dict) and el in ref else (_reason(ref) or "none published")
-            lines.append(f"Diffusivity {el}: {_ms(s)} cm²/s (reference: {ref_s}).")
+            ref_s = mean_std(ref.get(el)) if isinstance(ref, dict) and el in ref else (_reason(ref) or "none published")
+            lines.append(f"Diffusivity {el}: {mean_std(s)} cm²/s (reference: {ref_s}).")
     oom = r.get("oracle_on_model_frames")
     if oom:
-        lines.append(f"Model vs oracle on the model's own frames: force MAE {_ms(oom.get('force_mae_meV_A'))} meV/Å, "
-                     f"EV x1e5 {_ms(oom['EV'], 1e5)}, FV {_ms(oom['FV'])}.")
+        lines.append(f"Model vs oracle on the model's own frames: force MAE {mean_std(oom.get('force_mae_meV_A'))} meV/Å, "
+                     f"EV x1e5 {mean_std(oom['EV'], 1e5)}, FV {mean_std(oom['FV'])}.")
     lines.append("")
     lines += [markdown_table(t) for t in tabs.values()]
     for name, p in (r.get("plots") or {}).items():

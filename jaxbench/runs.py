@@ -296,3 +296,28 @@ def inference_params(state: dict, meta: dict):
     if meta.get("ema") and state.get("ema_params") is not None:
         return state["ema_params"]
     return state["params"]
+
+
+def load_energy_model(spec: str):
+    """RUN: a trained run directory (jaxbench.runs.load_potential), or 'module:attr' naming an
+    EnergyModel, a (Potential, params) pair, or a zero-argument factory of either
+    (e.g. 'jaxbench.md:morse')."""
+    import importlib
+
+    from . import md
+
+    if Path(spec).is_dir():
+        pot, params = load_potential(spec, which="best")
+        return md.as_energy_model(pot, params=params)
+    if ":" in spec:
+        mod, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise JaxbenchError(f"cannot import energy model '{spec}': {e}") from None
+        if callable(obj) and not isinstance(obj, md.EnergyModel):
+            obj = obj()
+        if isinstance(obj, tuple):
+            return md.as_energy_model(obj[0], params=obj[1])
+        return md.as_energy_model(obj)
+    raise JaxbenchError(f"RUN '{spec}' is neither a run directory nor 'module:attr'")

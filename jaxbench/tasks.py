@@ -70,28 +70,11 @@ def get(name: str) -> Task:
     return all_tasks[name]
 
 
-def _reference_split(dataset: str, protocol) -> str | None:
-    """Frames at the protocol's temperature: 3BPA's test sets are named by temperature; None when the
-    dataset has no frames at that temperature."""
-    from . import data, md
-
-    proto = protocol if isinstance(protocol, md.Protocol) else md.load_protocol(protocol, dataset)
-    spec = data.get(dataset)
-    t = int(round(proto.temperature_K))
-    named = f"test_{t}K"
-    if named in spec.splits:
-        return named
-    temps = spec.simulation.get("temperature_K") or []
-    temps = temps if isinstance(temps, list) else [temps]
-    if temps and t != int(round(float(temps[0]))) and not dataset.startswith("lips20"):
-        return None  # the dataset has no frames at this temperature
-    return "test"
-
-
 def run_task(name: str, model, out, *, train_budget="60m", run=None, progress: bool = True, **bench_kw) -> dict[str, Any]:
     """Train once (or reuse `run`), then `jaxbench.bench.bench` every run of the task; write out/task.json."""
     from . import runs
     from .bench import bench
+    from .reference import reference_split
     from .train import train
 
     task = get(name)
@@ -106,7 +89,7 @@ def run_task(name: str, model, out, *, train_budget="60m", run=None, progress: b
     summary = {"task": name, "description": task.description, "train_dataset": task.train_dataset,
                "run_dir": str(run_dir), "runs": {}}
     for label, dataset, protocol, group in task.runs:
-        ref_split = _reference_split(dataset, protocol)
+        ref_split = reference_split(dataset, protocol)
         kw = {k: v for k, v in bench_kw.items() if k not in ("max_epochs", "n_train", "n_val", "dtype")}
         r = bench(None, dataset, out / label.replace(":", "-"), run=run_dir, protocol=protocol,
                   reference_split=ref_split, progress=progress, **kw)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from jaxbench import data, metrics, report
-from jaxbench.bench import _violations, _violations_vs_split, na
+from jaxbench.scoring import energy_force_violations, na, violations_vs_split
+from jaxbench.reference import reference_split
 
 from .conftest import requires_data
 
@@ -225,7 +226,7 @@ def test_violations_against_a_time_ordered_split():
     orig = D.load
     D.load = lambda *a, **k: ref
     try:
-        out = _violations_vs_split("x", ordered, start, proto, e_model, f_model, np.array([T, T]), None)
+        out = violations_vs_split("x", ordered, start, proto, e_model, f_model, np.array([T, T]), None)
     finally:
         D.load = orig
     assert out["frames_compared"] == [8, 5]  # frames 20, 22, ..., 28 exist for replica 1
@@ -234,11 +235,11 @@ def test_violations_against_a_time_ordered_split():
     np.testing.assert_allclose(out["curves"]["EV"][0], ev0)
     np.testing.assert_allclose(out["EV"]["per_replica"][0], np.exp(np.mean(np.log(ev0[1:]))))
     proto_bad = SimpleNamespace(timestep_fs=0.3, save_every=1)
-    assert _violations_vs_split("x", ordered, start, proto_bad, e_model, f_model, np.array([T, T]), None)["not_applicable"]
+    assert violations_vs_split("x", ordered, start, proto_bad, e_model, f_model, np.array([T, T]), None)["not_applicable"]
 
 
 def test_violation_of_failed_replica_is_not_a_number():
-    out = _violations(np.ones((2, 4)), np.ones((2, 4, 2, 3)), np.ones((2, 4)) * 1.1, np.ones((2, 4, 2, 3)),
+    out = energy_force_violations(np.ones((2, 4)), np.ones((2, 4, 2, 3)), np.ones((2, 4)) * 1.1, np.ones((2, 4, 2, 3)),
                       np.array([4, 0]), "x")
     assert out["EV"]["per_replica"][1] is None and out["EV"]["per_replica"][0] > 0
     assert out["EV"]["mean"] == out["EV"]["per_replica"][0]
@@ -284,10 +285,10 @@ def test_named_tasks_and_their_reference_frames():
     groups = [g for *_, g in t["lips20-ood"].runs]
     assert groups.count("train") == 5 and groups.count("crystal") == 4 and groups.count("test") == 7
     # structure references at the protocol's temperature, never frames from another one
-    assert tasks._reference_split("3bpa", "egraffbench") == "test_300K"
-    assert tasks._reference_split("3bpa", "egraffbench-600k") == "test_600K"
-    assert tasks._reference_split("acac", "egraffbench-600k") is None
-    assert tasks._reference_split("acac", "egraffbench") == "test"
+    assert reference_split("3bpa", "egraffbench") == "test_300K"
+    assert reference_split("3bpa", "egraffbench-600k") == "test_600K"
+    assert reference_split("acac", "egraffbench-600k") is None
+    assert reference_split("acac", "egraffbench") == "test"
     with pytest.raises(UnknownNameError, match="3bpa-600k"):
         tasks.get("3bpa-600")
 
