@@ -77,6 +77,7 @@ class TrajectoryWriter:
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
         compression: str | None = None,
+        extra_observables: dict[str, tuple[tuple, str]] | None = None,
     ):
         import h5py
 
@@ -113,6 +114,8 @@ class TrajectoryWriter:
             o = f.create_group(f"observables/{_group_name(r)}")
             for name, unit in OBSERVABLES.items():
                 self._element(o, name, (), unit, 1024, None)
+            for name, (shape, unit) in (extra_observables or {}).items():
+                self._element(o, name, tuple(shape), unit, 1024, None)
         self._meta = f.create_group("parameters").create_group("jaxbench")
         for k, v in (metadata or {}).items():
             self._meta.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v)
@@ -158,6 +161,20 @@ class TrajectoryWriter:
         self._meta.attrs["frames_committed"] = stop
         self._meta.attrs["steps_done"] = int(steps[-1])
         f.flush()
+
+    def write_hills(self, centers, heights, count) -> None:
+        """The metadynamics hills of every replica (``/metadynamics/replica_XXX``), rewritten in place after
+        each chunk: centers [R, H, n_cv] (CV units), heights [R, H] eV, count [R] (slots in use)."""
+        for r in range(self.n_replicas):
+            name = f"metadynamics/{_group_name(r)}"
+            if name not in self._f:
+                g = self._f.create_group(name)
+                g.create_dataset("centers", data=np.asarray(centers[r], np.float64))
+                g.create_dataset("heights", data=np.asarray(heights[r], np.float64)).attrs["unit"] = "eV"
+            g = self._f[name]
+            g["centers"][...] = np.asarray(centers[r], np.float64)
+            g["heights"][...] = np.asarray(heights[r], np.float64)
+            g.attrs["count"] = int(np.asarray(count)[r])
 
     def set_status(self, failed, failure_step, failure_reason, **extra) -> None:
         self._meta.attrs["failed"] = np.asarray(failed, bool)
@@ -217,7 +234,8 @@ def read(path, replicas=None) -> dict[str, Any]:
     """Read a trajectory into numpy arrays (only the committed frames, so killed runs read fine).
 
     Returns a dict: ``step`` [T], ``time`` [T] fs, ``position`` / ``velocity`` / ``force`` [R, T, N, 3],
-    ``potential_energy`` / ``kinetic_energy`` / ``conserved_energy`` / ``temperature`` [R, T],
+    ``potential_energy`` / ``kinetic_energy`` / ``conserved_energy`` / ``temperature`` [R, T] (and any other
+    observable the run saved: ``bias_energy`` [R, T], ``cv`` [R, T, n_cv] under metadynamics, with ``hills``),
     ``species`` [N], ``mass`` [N], ``cell`` [3, 3], ``pbc`` [3], ``info`` (see :func:`read_info`).
     """
     info = read_info(path)
@@ -237,8 +255,13 @@ def read(path, replicas=None) -> dict[str, Any]:
         }
         for name in PARTICLE_FIELDS:
             out[name] = np.stack([f[f"particles/{g}/{name}/value"][:n] for g in groups])
-        for name in OBSERVABLES:
+        for name in f[f"observables/{groups[0]}"]:
             out[name] = np.stack([f[f"observables/{g}/{name}/value"][:n] for g in groups])
+        if "metadynamics" in f:
+            mg = [f[f"metadynamics/{g}"] for g in groups]
+            out["hills"] = dict(centers=np.stack([g["centers"][:] for g in mg]),
+                                heights=np.stack([g["heights"][:] for g in mg]),
+                                count=np.asarray([int(g.attrs["count"]) for g in mg]))
     out["info"] = info
     return out
 

@@ -14,7 +14,7 @@ models), ``start`` (initial replicas), ``failures`` (criteria), ``integrators`` 
 
 from __future__ import annotations
 
-from . import integrators  # noqa: F401  (where new ensembles and biases plug in)
+from . import bias, integrators  # noqa: F401  (where new ensembles and biases plug in)
 from .driver import MDResult, simulate
 from .engine import jax_jit
 from .failures import BOND_STRETCH, FAILURE_REASONS, PADDING_REPLICA, T_MAX, T_MIN, FailureHook, describe_failure
@@ -25,6 +25,7 @@ from .protocol import (
     KB_EV_PER_K,
     MAX_TIMESTEP_FS,
     SIMS_DIR,
+    MetadynamicsSettings,
     Protocol,
     load_protocol,
     protocol_cards,

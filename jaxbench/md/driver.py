@@ -18,6 +18,7 @@ import numpy as np
 
 from ..compiled import check as check_compiled
 from ..errors import JaxbenchError, NeighborListError
+from ..metadynamics import check_hills
 from .engine import Engine, chunk_fn, compiled_engine, neighbor_fns, require_x64
 from .failures import as_hook, describe_failure
 from .potentials import EnergyModel, as_energy_model
@@ -72,6 +73,7 @@ class MDResult:
     edge_capacity: int = 0  # edge slots the model saw per replica (pairs within cutoff), 0: all slots
     seed: int = 0
     devices: int = 1  # the replicas were split over this many devices
+    hills: dict[str, np.ndarray] | None = None  # metadynamics: centers [R, H, n_cv], heights [R, H] eV, count [R]
 
     @property
     def failure_time_fs(self) -> np.ndarray:
@@ -125,8 +127,11 @@ class _Recorder:
         if out is not None:
             from ..trajectory import TrajectoryWriter
 
+            extra = {"bias_energy": ((), "eV"), "cv": ((len(protocol.metadynamics.dihedrals),), "rad")} \
+                if protocol.metadynamics is not None else None
             self.writer = TrajectoryWriter(out, start.numbers, masses, start.cell, start.pbc, start.n_replicas,
-                                           protocol.timestep_fs, metadata=metadata, overwrite=overwrite)
+                                           protocol.timestep_fs, metadata=metadata, overwrite=overwrite,
+                                           extra_observables=extra)
         self.keep_arrays, self.kept, self.steps = keep_arrays, [], []
         self.bar = None
         if progress:
@@ -138,17 +143,19 @@ class _Recorder:
     def emit(self, steps, obs):
         obs = {k: np.asarray(v) for k, v in obs.items()}
         if self.writer is not None:
-            self.writer.append(steps, {k: obs[k] for k in ("position", "velocity", "force")},
-                               {k: obs[k] for k in ("potential_energy", "kinetic_energy", "conserved_energy", "temperature")})
+            particles = ("position", "velocity", "force")
+            self.writer.append(steps, {k: obs[k] for k in particles}, {k: v for k, v in obs.items() if k not in particles})
         if self.keep_arrays:
             self.kept.append(obs)
             self.steps.append(np.asarray(steps))
 
-    def chunk_done(self, steps, obs, carry, n_steps: int) -> np.ndarray:
-        """Record a chunk's frames and the replicas' status; returns the failure reasons [R]."""
+    def chunk_done(self, steps, obs, carry, n_steps: int, hills=None) -> np.ndarray:
+        """Record a chunk's frames, the replicas' status and hills; returns the failure reasons [R]."""
         self.emit(steps, obs)
         reason, fstep = np.asarray(carry[2]), np.asarray(carry[3])
         if self.writer is not None:
+            if hills is not None:
+                self.writer.write_hills(**hills)
             self.writer.set_status(reason != 0, fstep, reason)
             self.writer.flush()
         if self.bar is not None:
@@ -188,7 +195,8 @@ def _checked(model, start: Start, protocol: Protocol, params, cutoff, batch: str
 
 
 def _initial_carry(eng: Engine, compiled: dict, params, start: Start, seed: int, nbrs, bonds):
-    """The scan carry at step 0 (state, neighbors, failure reason, failure step, step, hook memory) and its frame."""
+    """The scan carry at step 0 (state, neighbors, failure reason, failure step, step, hook memory, hills)
+    and its frame."""
     import jax.numpy as jnp
 
     R = start.n_replicas
@@ -196,12 +204,22 @@ def _initial_carry(eng: Engine, compiled: dict, params, start: Start, seed: int,
     momenta = None
     if start.velocities is not None:
         momenta = jnp.asarray(start.velocities * FS_PER_TIME_UNIT * eng.masses[None, :, None])
-    state, reason0, init_obs, mem = compiled["init_all"](params, keys, jnp.asarray(start.positions), momenta, nbrs, bonds)
-    carry = (state, nbrs, reason0, jnp.where(reason0 != 0, 0, -1).astype(jnp.int32), jnp.zeros(R, jnp.int32), mem)
+    state, reason0, init_obs, mem, hills = compiled["init_all"](params, keys, jnp.asarray(start.positions), momenta,
+                                                                nbrs, bonds)
+    carry = (state, nbrs, reason0, jnp.where(reason0 != 0, 0, -1).astype(jnp.int32), jnp.zeros(R, jnp.int32), mem, hills)
     return carry, init_obs
 
 
-def _result(carry, done: int, protocol: Protocol, out, arrays, timings: dict, t0: float, n_realloc: int, seed, devices):
+def hills_arrays(eng: Engine, carry) -> dict | None:
+    """The replicas' hills as numpy (only the deposited ones matter: ``count`` per replica)."""
+    if eng.bias is None:
+        return None
+    h = carry[6]
+    return dict(centers=np.asarray(h.centers), heights=np.asarray(h.heights), count=np.asarray(h.count))
+
+
+def _result(carry, done: int, protocol: Protocol, out, arrays, timings: dict, t0: float, n_realloc: int, seed, devices,
+            hills=None):
     import resource
 
     reason = np.asarray(carry[2])
@@ -221,6 +239,7 @@ def _result(carry, done: int, protocol: Protocol, out, arrays, timings: dict, t0
         edge_capacity=int(carry[1].edge_capacity),
         seed=int(seed),
         devices=devices,
+        hills=hills,
     )
 
 
@@ -296,7 +315,10 @@ def simulate(
             jax.block_until_ready(new_carry)
             timings["first_chunk_s" if c == 0 else "chunks_s"] += time.perf_counter() - tc
             carry, done = new_carry, done + steps_here
-            reason = rec.chunk_done(done - steps_here + every * np.arange(1, n_save + 1), obs, carry, steps_here)
+            hills = hills_arrays(chunks.eng, carry)
+            reason = rec.chunk_done(done - steps_here + every * np.arange(1, n_save + 1), obs, carry, steps_here, hills)
+            if hills is not None:
+                check_hills(carry[6], f"protocol '{protocol.name}', after step {done}")
             if callback is not None:
                 callback(dict(chunk=c, steps_done=done, failed=reason != 0, path=out))
             if np.all(reason != 0):
@@ -304,4 +326,5 @@ def simulate(
     finally:
         rec.close(complete=done >= total or bool(np.all(np.asarray(carry[2]) != 0)))
     arrays = rec.arrays(protocol, start, chunks.eng.masses)
-    return _result(carry, done, protocol, out, arrays, timings, t0, chunks.n_realloc, seed, devices)
+    return _result(carry, done, protocol, out, arrays, timings, t0, chunks.n_realloc, seed, devices,
+                   hills_arrays(chunks.eng, carry))

@@ -17,6 +17,7 @@ import numpy as np
 from ..compiled import register as register_compiled
 from ..errors import JaxbenchError
 from .failures import PADDING_REPLICA, FailureHook, apply_hook, as_hook, failure_mask
+from .bias import metadynamics_of
 from .integrators import integrator
 from .potentials import EnergyModel
 from .protocol import FS_PER_TIME_UNIT, KB_EV_PER_K, Protocol
@@ -47,13 +48,38 @@ class Engine:
     hook: FailureHook | None
     batch: str  # 'map' | 'vmap'
     devices: int = 1  # replicas split over this many local devices (shard_map), each runs `batch`
+    bias: Any = None  # jaxbench.metadynamics.Metadynamics, or None
+
+    # The scan carry of one replica is (state, neighbors, failure reason, failure step, step, hook
+    # memory, hills): hills is the metadynamics buffer, a placeholder scalar without a bias.
 
     # -- physics -------------------------------------------------------------------------------
-    def energy(self, R, neighbor=None, params=None, **unused):
+    def energy(self, R, neighbor=None, params=None, hills=None, **unused):
+        """The model's energy, plus the bias when ``hills`` are given (jax-md passes them through)."""
         from ..graph import md_graph
 
         g = md_graph(R, self.numbers, self.cell, self.pbc, neighbor)
-        return self.model.fn(params, g)
+        e = self.model.fn(params, g)
+        if self.bias is not None and hills is not None:
+            e = e + self.bias_energy(R, hills)
+        return e
+
+    def bias_energy(self, R, hills):
+        from ..metadynamics import bias_at
+
+        return bias_at(self.bias, hills, self.bias.cv_fn(R))
+
+    def initial_hills(self, dtype):
+        import jax.numpy as jnp
+
+        from ..metadynamics import init_hills
+
+        return jnp.zeros((), jnp.int32) if self.bias is None else init_hills(self.bias, dtype)
+
+    def deposit(self, hills, positions, step):
+        from ..metadynamics import maybe_deposit
+
+        return hills if self.bias is None else maybe_deposit(self.bias, hills, positions, step)
 
     @property
     def masses(self):
@@ -64,7 +90,10 @@ class Engine:
     def integrator(self):
         return integrator(self.protocol, self.energy)
 
-    def observables(self, state, nbrs, params):
+    def observables(self, state, nbrs, params, hills=None):
+        """One frame. Under a bias, ``potential_energy`` and ``force`` are the model's alone (what the
+        model is scored on); the bias energy and the CVs are frames of their own."""
+        import jax
         import jax.numpy as jnp
 
         pe = self.energy(state.position, neighbor=nbrs, params=params)
@@ -77,14 +106,21 @@ class Engine:
             kT = self.protocol.kT
             conserved = conserved + c.momentum[0] ** 2 / (2 * c.mass[0]) + 3 * n * kT * c.position[0]
             conserved = conserved + jnp.sum(c.momentum[1:] ** 2 / (2 * c.mass[1:]) + kT * c.position[1:])
+        force, extra = state.force, {}
+        if self.bias is not None:
+            vb, gb = jax.value_and_grad(self.bias_energy)(state.position, hills)
+            force = force + gb  # state.force is -grad(model + bias)
+            conserved = conserved + vb
+            extra = dict(bias_energy=vb, cv=self.bias.cv_fn(state.position))
         return dict(
             position=state.position,
             velocity=state.momentum / state.mass / FS_PER_TIME_UNIT,
-            force=state.force,
+            force=force,
             potential_energy=pe,
             kinetic_energy=ke,
             conserved_energy=conserved,
             temperature=temp,
+            **extra,
         )
 
     def check(self, state, bonds):
@@ -106,27 +142,29 @@ class Engine:
             return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
         def step(c, _):
-            state, nbrs, reason, fstep, k, mem = c
+            state, nbrs, reason, fstep, k, mem, hills = c
 
             def advance(args):
-                state, nbrs = args
-                new = apply_fn(state, neighbor=nbrs, params=params)
+                state, nbrs, hills = args
+                new = apply_fn(state, neighbor=nbrs, params=params, hills=hills)
                 new_nbrs = update(new.position, nbrs)
                 bad = self.check(new, bonds)
-                return where(bad != 0, state, new), where(bad != 0, nbrs, new_nbrs), bad
+                new_hills = self.deposit(hills, new.position, k + 1)
+                return (where(bad != 0, state, new), where(bad != 0, nbrs, new_nbrs), where(bad != 0, hills, new_hills),
+                        bad)
 
             def frozen(args):
-                return args[0], args[1], jnp.zeros((), jnp.int32)
+                return args + (jnp.zeros((), jnp.int32),)
 
-            state, nbrs, bad = lax.cond(reason != 0, frozen, advance, (state, nbrs))
+            state, nbrs, hills, bad = lax.cond(reason != 0, frozen, advance, (state, nbrs, hills))
             fstep = jnp.where((reason == 0) & (bad != 0), k + 1, fstep)
-            return (state, nbrs, reason | bad, fstep, k + 1, mem), None
+            return (state, nbrs, reason | bad, fstep, k + 1, mem, hills), None
 
         def save(c, _):
             c, _ = lax.scan(step, c, None, length=every)
             if self.hook is not None:
                 c = self.apply_hook(c, self.hook.update)
-            obs = self.observables(c[0], c[1], params)
+            obs = self.observables(c[0], c[1], params, c[6])
             return c, obs
 
         return lax.scan(save, carry, None, length=n_save)
@@ -202,8 +240,8 @@ class Engine:
             return jax.tree.map(lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
         def step(c, _):
-            state, nbrs, reason, fstep, k, mem = c
-            new = jax.vmap(lambda s, nb: apply_fn(s, neighbor=nb, params=params))(state, nbrs)
+            state, nbrs, reason, fstep, k, mem, hills = c
+            new = jax.vmap(lambda s, nb, h: apply_fn(s, neighbor=nb, params=params, hills=h))(state, nbrs, hills)
             need = jax.vmap(lambda x, nb: needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
             check = jax.vmap(self.nl.check) if self.nl.check is not None else (lambda x, n: n)
             new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: check(new.position, n), nbrs)
@@ -211,13 +249,15 @@ class Engine:
             bad = jnp.where(reason != 0, 0, bad)
             keep = (reason != 0) | (bad != 0)
             fstep = jnp.where((reason == 0) & (bad != 0), k + 1, fstep)
-            return (where(keep, state, new), where(keep, nbrs, new_nbrs), reason | bad, fstep, k + 1, mem), None
+            new_hills = jax.vmap(lambda h, x, kk: self.deposit(h, x, kk + 1))(hills, new.position, k)
+            return (where(keep, state, new), where(keep, nbrs, new_nbrs), reason | bad, fstep, k + 1, mem,
+                    where(keep, hills, new_hills)), None
 
         def save(c, _):
             c, _ = lax.scan(step, c, None, length=every)
             if self.hook is not None:
                 c = self.apply_hook(c, jax.vmap(self.hook.update))
-            obs = jax.vmap(lambda s, nb: self.observables(s, nb, params))(c[0], c[1])
+            obs = jax.vmap(lambda s, nb, h: self.observables(s, nb, params, h))(c[0], c[1], c[6])
             return c, obs
 
         c, obs = lax.scan(save, carry, None, length=n_save)
@@ -285,20 +325,23 @@ def compiled_engine(protocol: Protocol, model: EnergyModel, start: Start, nl, fa
     import jax
     import jax.numpy as jnp
 
+    meta = protocol.metadynamics.resolved(protocol) if protocol.metadynamics is not None else None
     phys = dataclasses.replace(protocol, steps=1, replicas=1, chunk_steps=protocol.save_every, name="", reference="",
-                               replica_init="velocities", frame_split="test")
+                               replica_init="velocities", frame_split="test", metadynamics=meta)
     key = ("engine", phys, model.key, start.numbers.tobytes(), id(nl), id(failure_fn), batch, devices)
 
     def make():
-        eng = Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, as_hook(failure_fn), batch, devices)
+        bias = metadynamics_of(protocol, start.n_atoms)
+        eng = Engine(protocol, model, start.numbers, start.cell, start.pbc, nl, as_hook(failure_fn), batch, devices, bias)
 
         def init_all(params, keys, positions, momenta, nbrs, bonds):
             state = eng.init(params, keys, positions, momenta, nbrs)
             # a start that already violates a criterion fails at step 0
             reason = jax.vmap(eng.check)(state, bonds)
-            obs = jax.vmap(lambda s, nb: eng.observables(s, nb, params))(state, nbrs)
+            hills = jax.vmap(lambda _: eng.initial_hills(positions.dtype))(reason)
+            obs = jax.vmap(lambda s, nb, h: eng.observables(s, nb, params, h))(state, nbrs, hills)
             mem = jax.vmap(eng.hook.init)(state) if eng.hook is not None else jnp.zeros(reason.shape, jnp.int32)
-            return state, reason, obs, mem
+            return state, reason, obs, mem, hills
 
         # keep model / hook alive so their ids stay unique while cached
         return eng, {"init_all": jax.jit(init_all), "_keep": (model, failure_fn)}

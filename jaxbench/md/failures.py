@@ -73,9 +73,9 @@ def apply_hook(c, update, save_every: int):
     """The saved-frame criterion on carry ``c`` (one replica, or a batch with a vmapped ``update``)."""
     import jax.numpy as jnp
 
-    state, nbrs, reason, fstep, k, mem = c
+    state, nbrs, reason, fstep, k, mem, *rest = c
     new_mem, failed, onset = update(mem, state)
     hit = jnp.asarray(failed, bool) & (reason == 0)
     fstep = jnp.where(hit, k - jnp.asarray(onset, jnp.int32) * int(save_every), fstep)
     reason = reason | jnp.where(hit, 8, 0).astype(jnp.int32)
-    return state, nbrs, reason, fstep, k, new_mem
+    return (state, nbrs, reason, fstep, k, new_mem, *rest)

@@ -22,6 +22,65 @@ MAX_TIMESTEP_FS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
+class MetadynamicsSettings:
+    """A metadynamics bias on dihedral angles (a ``metadynamics:`` block of a protocol card).
+
+    dihedrals: atom index quadruples, one collective variable each (alanine dipeptide's phi and psi:
+      ``[[4, 6, 8, 14], [6, 8, 14, 16]]``, OpenMM / IUPAC sign). height_kJ_mol: initial hill height;
+      sigma_rad: Gaussian width (all CVs); pace_fs: time between deposits (a multiple of the timestep);
+      bias_factor: well-tempered gamma (None: plain metadynamics); max_hills: hill buffer per replica
+      (default: exactly the deposits the run makes; a full buffer is an error, never truncation).
+    FaNE (Fu et al. 2023, App. B): 1.2 kJ/mol, 0.35 rad, every 1 ps; gamma 6 as OpenMM's tutorial.
+    """
+
+    dihedrals: tuple[tuple[int, int, int, int], ...]
+    height_kJ_mol: float = 1.2
+    sigma_rad: float = 0.35
+    pace_fs: float = 1000.0
+    bias_factor: float | None = None
+    max_hills: int | None = None
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], where: str = "protocol: ") -> "MetadynamicsSettings":
+        fields = {f.name for f in dataclasses.fields(MetadynamicsSettings)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise JaxbenchError(f"{where}metadynamics: unknown keys {unknown} (known: {sorted(fields)})")
+        if "dihedrals" not in d:
+            raise JaxbenchError(f"{where}metadynamics: needs `dihedrals` (atom index quadruples, one per CV)")
+        try:
+            dihedrals = tuple(tuple(int(i) for i in q) for q in d["dihedrals"])
+        except (TypeError, ValueError):
+            raise JaxbenchError(f"{where}metadynamics.dihedrals must be a list of 4 atom indices each, got "
+                                f"{d['dihedrals']!r}") from None
+        return MetadynamicsSettings(**{**d, "dihedrals": dihedrals})
+
+    def validate(self, protocol: "Protocol", where: str) -> None:
+        if not self.dihedrals or any(len(q) != 4 or min(q) < 0 or len(set(q)) != 4 for q in self.dihedrals):
+            raise JaxbenchError(f"{where}metadynamics.dihedrals must be quadruples of 4 distinct atom indices >= 0, "
+                                f"got {list(self.dihedrals)}")
+        if not (self.height_kJ_mol > 0 and self.sigma_rad > 0):
+            raise JaxbenchError(f"{where}metadynamics: height_kJ_mol and sigma_rad must be > 0")
+        if self.bias_factor is not None and not self.bias_factor > 1:
+            raise JaxbenchError(f"{where}metadynamics.bias_factor must be > 1 (or absent), got {self.bias_factor}")
+        if self.max_hills is not None and int(self.max_hills) < 1:
+            raise JaxbenchError(f"{where}metadynamics.max_hills must be >= 1, got {self.max_hills}")
+        pace = self.pace_fs / protocol.timestep_fs
+        if not (pace >= 1 and abs(pace - round(pace)) < 1e-9):
+            raise JaxbenchError(f"{where}metadynamics.pace_fs ({self.pace_fs:g}) must be a positive multiple of the "
+                                f"timestep ({protocol.timestep_fs:g} fs)")
+
+    def pace_steps(self, protocol: "Protocol") -> int:
+        return int(round(self.pace_fs / protocol.timestep_fs))
+
+    def resolved(self, protocol: "Protocol") -> "MetadynamicsSettings":
+        """With ``max_hills`` filled in: every deposit of ``protocol.steps`` (so it is part of the compiled shape)."""
+        if self.max_hills is not None:
+            return self
+        return dataclasses.replace(self, max_hills=max(1, int(protocol.steps) // self.pace_steps(protocol)))
+
+
+@dataclasses.dataclass(frozen=True)
 class Protocol:
     """One MD protocol (a ``sims/*.yaml`` card or built in Python). Times in fs, temperature in K.
 
@@ -36,6 +95,7 @@ class Protocol:
     bond_factor: molecules' bonds are pairs closer than bond_factor * (r_cov_i + r_cov_j) in the first
       frame. 1.2 because the plain sum misses most bonds of thermal frames (MD17 ethanol: 1-2 of 8
       at 1.0, all 8 at 1.1-1.3; aspirin 14-15 of 21 at 1.0, 21 at 1.1-1.3).
+    metadynamics: a bias on collective variables (:class:`MetadynamicsSettings`), or None.
     """
 
     ensemble: str = "nvt_nose_hoover"
@@ -55,6 +115,7 @@ class Protocol:
     bond_factor: float = 1.2
     name: str = ""
     reference: str = ""
+    metadynamics: MetadynamicsSettings | None = None
 
     def replace(self, **kw) -> "Protocol":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -89,6 +150,8 @@ class Protocol:
             raise JaxbenchError(f"{where}replica_init must be 'velocities' or 'frames', got '{self.replica_init}'")
         if not self.skin >= 0:
             raise JaxbenchError(f"{where}skin must be >= 0, got {self.skin}")
+        if self.metadynamics is not None:
+            self.metadynamics.validate(self, where)
         return self
 
     @property
@@ -117,6 +180,10 @@ class Protocol:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise JaxbenchError(f"protocol: unknown keys {unknown} (known: {sorted(fields)})")
+        d = dict(d)
+        if isinstance(d.get("metadynamics"), dict):
+            where = f"protocol '{d['name']}': " if d.get("name") else "protocol: "
+            d["metadynamics"] = MetadynamicsSettings.from_dict(d["metadynamics"], where)
         return Protocol(**d)
 
 
