@@ -92,15 +92,15 @@ def bench(
     """
     from . import data
 
-    settings = settings or BenchSettings()
     out = Path(out)
-    spec = data.get(dataset)
+    spec = data.get(dataset, data_dir=data_dir)
     dataset = spec.name
     # everything that can fail cheaply comes before compute
     proto = stages.resolve_protocol(protocol, dataset, replicas=replicas, steps=steps, temperature=temperature,
                                     timestep=timestep)
+    settings = settings or BenchSettings.from_protocol(proto)
     if reference_split == "auto":
-        reference_split = default_reference_split(dataset, proto)
+        reference_split = default_reference_split(dataset, proto, data_dir)
     run_dir = Path(run) if run is not None else out / "train"
     if run is not None:
         runs.read_run(run_dir)  # names a missing / broken run now
@@ -133,10 +133,15 @@ def bench(
     if sim.reference.trajectory is not None:
         res["oracle_on_model_frames"] = stages.score_oracle_on_model_frames(sim, oracle, oracle_name)
     res["dynamics"] = stages.score_dynamics(sim, spec, settings)
+    free_energy = None
+    if proto.metadynamics is not None:
+        free_energy = stages.score_free_energy(sim.start, sim.trajectory, sim.section["failed"], spec, proto, seed=seed,
+                                               out=out)
+        res["free_energy"] = free_energy.section
     res["finished"] = time.time()
 
     if plots:
-        res["plots"] = stages.plot_stage(out, res.data, sim, structure)
+        res["plots"] = stages.plot_stage(out, res.data, sim, structure, free_energy, proto.kT)
     write_bench_report(out, res.data)
     return res.data
 

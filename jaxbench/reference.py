@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def reference_split(dataset: str, protocol) -> str | None:
+def reference_split(dataset: str, protocol, data_dir=None) -> str | None:
     """Frames at the protocol's temperature: 3BPA's test sets are named by temperature; None when the
     dataset has no frames at that temperature."""
     from . import data, md
 
     proto = protocol if isinstance(protocol, md.Protocol) else md.load_protocol(protocol, dataset)
-    spec = data.get(dataset)
+    spec = data.get(dataset, data_dir=data_dir)
     t = int(round(proto.temperature_K))
     named = f"test_{t}K"
     if named in spec.splits:

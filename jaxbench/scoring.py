@@ -45,6 +45,25 @@ class BenchSettings:
     msd_window_fraction: float = 0.5
     rdf_stability_window_fs: float = RDF_STABILITY["window_fs"]
     rdf_stability_threshold: float = RDF_STABILITY["threshold"]
+    # None: the total g(r) (FaNE's LiPS criterion); 'all': every element pair, any one over the threshold
+    # fails the replica (FaNE's water: O-O, H-H, H-O with Delta 3.0)
+    rdf_stability_pairs: str | None = None
+    # MSD windows of a fixed length (FaNE's water: 100 ps over stable runs of at least 100 ps) instead of
+    # msd_window_fraction of each replica's stable frames
+    msd_window_fs: float | None = None
+    msd_min_stable_fs: float | None = None
+
+    @staticmethod
+    def from_protocol(proto) -> "BenchSettings":
+        """The defaults with the protocol card's ``scoring:`` block applied (unknown keys named)."""
+        from .errors import JaxbenchError
+
+        fields = {f.name for f in dataclasses.fields(BenchSettings)}
+        given = dict(proto.scoring)
+        unknown = sorted(set(given) - fields)
+        if unknown:
+            raise JaxbenchError(f"protocol '{proto.name}': scoring: unknown keys {unknown} (known: {sorted(fields)})")
+        return BenchSettings(**given)
 
 
 def histogram_frames(positions, cell, pbc, species, settings, periodic):
@@ -122,11 +141,12 @@ def rdf_failure_hook(start, ref_pos, ref_cells, proto, settings):
     if window < 1 or window > n_frames:
         return None, (f"the RDF criterion needs a {settings.rdf_stability_window_fs:g} fs window ({window} frames); "
                       f"the run saves {n_frames} frames")
-    _, g_ref_frames = histogram_frames(ref_pos, ref_cells, start.pbc, start.numbers, settings, True)
-    g_ref = np.asarray(g_ref_frames).mean(0)
     r_max = settings.rdf_r_max or RDF_R_MAX
+    pairs = settings.rdf_stability_pairs
+    _, g_ref_frames = M.rdf_frames(ref_pos, ref_cells, start.pbc, start.numbers, r_max, settings.dr, pairs=pairs)
+    g_ref = np.asarray(g_ref_frames).mean(0)
     hook = M.rdf_stability_hook(g_ref, start.cell, start.pbc, start.numbers, r_max, settings.dr, window,
-                                settings.rdf_stability_threshold)
+                                settings.rdf_stability_threshold, pairs=pairs)
     return hook, window
 
 
@@ -220,7 +240,12 @@ def diffusivity_per_element(traj, stable_frames, dt_frame_fs, settings, species)
         for rep in range(pos.shape[0]):
             n = int(stable_frames[rep])
             eq = int(settings.msd_equilibration_fraction * n)
-            window = int(settings.msd_window_fraction * (n - eq))
+            if settings.msd_window_fs is not None:
+                window = int(round(settings.msd_window_fs / dt_frame_fs))
+                too_short = (n - 1) * dt_frame_fs < (settings.msd_min_stable_fs or 0.0) or window > n - eq - 1
+                window = 0 if too_short else window
+            else:
+                window = int(settings.msd_window_fraction * (n - eq))
             if window < 3:
                 vals.append(None)
                 continue

@@ -130,6 +130,8 @@ def replica_starts(frames, proto, ordered):
     velocity seeds), as EGraFFBench's MD17 runs must have."""
     from . import md
 
+    if proto.replica_init == "fes_minima":
+        return fes_minima_starts(frames, proto)
     if not (ordered and proto.replica_init == "frames" and proto.frame_split == ordered["split"]):
         return md.start_from_frames(frames, proto.replicas, mode=proto.replica_init)
     needed = int(math.ceil(proto.steps * proto.timestep_fs / float(ordered["frame_interval_fs"])))
@@ -138,6 +140,30 @@ def replica_starts(frames, proto, ordered):
     f0 = frames.frame(idx[0])
     pos = np.stack([frames.frame(i)["positions"] for i in idx])
     return dataclasses.replace(md.Start.make(pos, f0["numbers"], f0["cell"], f0["pbc"]), frame_indices=tuple(idx))
+
+
+def fes_minima_starts(frames, proto):
+    """FaNE's starts: the frames of the split nearest the local minima of the split's own free-energy
+    surface in the protocol's CVs (kernel estimate, :func:`jaxbench.fane.sampled_fes`), deepest first;
+    more replicas than minima cycle through them."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import fane, md
+    from .metadynamics import dihedral_cv
+
+    n = np.asarray(frames.n_atoms)
+    pos = np.asarray(frames.positions).reshape(len(n), int(n[0]), 3)
+    cv = np.asarray(jax.vmap(dihedral_cv(*proto.metadynamics.dihedrals))(jnp.asarray(pos)))
+    if cv.shape[1] != 2:
+        raise ValueError(f"replica_init 'fes_minima' needs two CVs, the protocol has {cv.shape[1]}")
+    grid = np.linspace(-np.pi, np.pi, 73)
+    minima = fane.local_minima(fane.sampled_fes(cv[:, 0], cv[:, 1], proto.kT, grid), grid, n=proto.replicas)
+    idx = fane.frames_near(cv[:, 0], cv[:, 1], minima)
+    idx = [idx[r % len(idx)] for r in range(proto.replicas)]
+    f0 = frames.frame(idx[0])
+    start = md.Start.make(pos[idx], f0["numbers"], f0["cell"], f0["pbc"])
+    return dataclasses.replace(start, frame_indices=tuple(idx))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +234,8 @@ def _simulation_section(sim, proto, start, n_saved: int) -> Section:
         "inference_time_min": float(timings["total_s"]) / 60.0,
         "speed": {"atom_steps_per_s": spd.atom_steps_per_s, "ns_per_day": spd.ns_per_day,
                   "us_per_step_atom": spd.us_per_step_atom,
+                  # FaNE's FPS: MD steps per second; all replicas advance together, one step each
+                  "steps_per_s": spd.atom_steps_per_s / (n_atoms * proto.replicas),
                   "note": "steady state (chunks after the first, all replicas' atoms)" if steady else "including compile"},
     }
 
@@ -290,7 +318,8 @@ def score_stability(sim: Simulation, proto, settings: BenchSettings) -> Section:
         if sim.rdf_hook is None:
             stab["rdf"] = na(sim.rdf_window)
         else:
-            stab["criterion_in_md"] += (f", RDF (FaNE eq. 8: {settings.rdf_stability_window_fs:g} fs window, "
+            which = "every element pair" if settings.rdf_stability_pairs else "total g(r)"
+            stab["criterion_in_md"] += (f", RDF (FaNE eq. 8, {which}: {settings.rdf_stability_window_fs:g} fs window, "
                                         f"Delta {settings.rdf_stability_threshold})")
             stab["rdf"] = {"criterion": f"FaNE eq. 8: window {settings.rdf_stability_window_fs:g} fs ({sim.rdf_window} frames), "
                                         f"Delta {settings.rdf_stability_threshold}, evaluated inside the MD engine",
@@ -332,6 +361,75 @@ def score_oracle_on_model_frames(sim: Simulation, oracle, oracle_name: str | Non
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class FreeEnergyScore:
+    section: Section  # results["free_energy"]
+    arrays: dict | None  # grid_rad, reference_fes_eV, model_fes_eV [R or None] (for the plot)
+
+
+def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int, out: Path) -> FreeEnergyScore:
+    """FaNE Table 5: F(phi), F(psi) of each finished replica's metadynamics (from its hills) against the
+    reference engine's metadynamics with the same bias from the same start (OpenMM ``app.Metadynamics``),
+    MAE in kJ/mol; the reference surfaces are saved in out/reference_fes.npz. ``start``: the rollout's
+    :class:`jaxbench.md.Start`, ``trajectory``: its frames and hills (:func:`jaxbench.trajectory.read`),
+    ``failed`` [R]: replicas that did not finish (they get no score)."""
+    from . import fane
+    from .metadynamics import Hills
+    from .md.bias import metadynamics_of
+
+    if proto.metadynamics is None:
+        return FreeEnergyScore(na("the protocol has no metadynamics"), None)
+    m = proto.metadynamics
+    generator = (spec.generated or {}).get("generator")
+    if generator != "alanine-dipeptide":
+        return FreeEnergyScore(na(f"no reference metadynamics engine for dataset '{spec.name}' (only the OpenMM "
+                                  "alanine-dipeptide system has one)"), None)
+    from .generate.openmm_metad import PHI, PSI, reference_metadynamics
+
+    if tuple(map(tuple, m.dihedrals)) != (PHI, PSI) or m.bias_factor is None:
+        return FreeEnergyScore(na("the reference metadynamics is well-tempered on (phi, psi) = "
+                                  f"{[list(PHI), list(PSI)]}; the protocol differs"), None)
+    meta = metadynamics_of(proto, start.n_atoms)
+    grid = np.linspace(-np.pi, np.pi, 72)  # OpenMM's grid: its last point is -pi's periodic image
+    kT = proto.kT
+    ref_fes, ref_seconds = [], 0.0
+    for r in range(start.n_replicas):
+        t0 = time.perf_counter()
+        ref = reference_metadynamics(start.positions[r], proto.steps, temperature_K=proto.temperature_K,
+                                     timestep_fs=proto.timestep_fs, height_kJ_mol=m.height_kJ_mol,
+                                     sigma_rad=m.sigma_rad, pace_steps=m.pace_steps(proto), bias_factor=m.bias_factor,
+                                     friction_per_ps=proto.friction_per_fs * 1000.0, seed=seed + r, grid=len(grid))
+        ref_seconds += time.perf_counter() - t0
+        ref_fes.append(ref["fes_eV"])
+    ref_mean = np.mean(ref_fes, axis=0)
+    ref_mean -= ref_mean.min()
+    h = trajectory["hills"]
+    failed = np.asarray(failed, bool)
+    model_fes, per = [], {"F(phi)": [], "F(psi)": []}
+    for r in range(len(failed)):
+        if failed[r]:
+            model_fes.append(None)
+            for k in per:
+                per[k].append(None)
+            continue
+        hills = Hills(h["centers"][r], h["heights"][r], np.int32(h["count"][r]), np.bool_(False))
+        f = fane.fes_grid(meta, hills, grid)
+        model_fes.append(f)
+        for k, v in fane.fes_scores(f, ref_mean, grid, kT).items():
+            per[k].append(v["mae_kJ_mol"])
+    np.savez(out / "reference_fes.npz", grid_rad=grid, fes_eV=np.asarray(ref_fes), mean_fes_eV=ref_mean)
+    section = {
+        "reference": f"OpenMM app.Metadynamics, same bias and start per replica ({ref['settings']['engine']}), "
+                     "replicas' surfaces averaged",
+        "reference_seconds": ref_seconds, "finished_runs": int((~failed).sum()), "runs": int(len(failed)),
+        "hills_per_replica": [int(c) for c in h["count"]],
+        "mae_kJ_mol": {k: replica_stats(v) for k, v in per.items()},
+        "units": {"mae_kJ_mol": "kJ/mol, FaNE eq. 6-7 (integral of |F - F_ref| over [-pi, pi) / 2 pi)"},
+        "bond_stability": f"bond length (Delta {0.5} Å) inside the MD engine, bonds at {proto.bond_factor} x covalent radii",
+    }
+    return FreeEnergyScore(section, dict(grid_rad=grid, reference_fes_eV=ref_mean, model_fes_eV=model_fes))
+
+
 def score_dynamics(sim: Simulation, spec, settings: BenchSettings) -> Section:
     """Diffusivity per element on each replica's stable part (periodic systems), beside the reference's."""
     if not sim.periodic:
@@ -339,7 +437,10 @@ def score_dynamics(sim: Simulation, spec, settings: BenchSettings) -> Section:
     traj, ref_traj, dt_frame = sim.trajectory, sim.reference.trajectory, sim.frame_interval_fs
     species = np.asarray(traj["species"])
     dyn = {"diffusivity_cm2_s": diffusivity_per_element(traj, sim.first_unstable_frame, dt_frame, settings, species),
-           "window": f"{settings.msd_window_fraction:g} of the stable frames after {settings.msd_equilibration_fraction:g} equilibration"}
+           "window": (f"{settings.msd_window_fs:g} fs windows over replicas stable for at least "
+                      f"{settings.msd_min_stable_fs or 0:g} fs" if settings.msd_window_fs is not None else
+                      f"{settings.msd_window_fraction:g} of the stable frames")
+           + f", after {settings.msd_equilibration_fraction:g} equilibration"}
     if ref_traj is not None:
         dyn["reference_diffusivity_cm2_s"] = diffusivity_per_element(
             ref_traj, np.full(len(ref_traj["position"]), sim.frames_saved), dt_frame, settings, species)
@@ -355,8 +456,21 @@ def score_dynamics(sim: Simulation, spec, settings: BenchSettings) -> Section:
 # --------------------------------------------------------------------------------------------------
 # 5. plots
 # --------------------------------------------------------------------------------------------------
-def plot_stage(out: Path, results: dict, sim: Simulation, structure: StructureScore) -> dict[str, str]:
-    """RDF / h(r) overlay, EV and FV against time, temperature and energy traces, MSD: {name: png path}."""
+def plot_stage(out: Path, results: dict, sim: Simulation, structure: StructureScore,
+               free_energy: FreeEnergyScore | None = None, kT: float | None = None) -> dict[str, str]:
+    """RDF / h(r) overlay, EV and FV against time, temperature and energy traces, MSD, and the
+    Ramachandran plot under metadynamics: {name: png path}."""
     from .plots import bench_figures
 
-    return bench_figures(out, results, sim.trajectory, sim.reference.trajectory, structure.arrays)
+    paths = bench_figures(out, results, sim.trajectory, sim.reference.trajectory, structure.arrays)
+    if free_energy is not None and free_energy.arrays is not None:
+        from .fane import ramachandran_plot
+
+        a = free_energy.arrays
+        done = [f for f in a["model_fes_eV"] if f is not None]
+        if done:
+            model = np.mean(done, axis=0)
+            paths["ramachandran"] = ramachandran_plot(out / "ramachandran.png", a["grid_rad"], a["reference_fes_eV"],
+                                                      model - model.min(), kT, model_name=results.get("model") or "model",
+                                                      ref_name="OpenMM metadynamics")
+    return paths

@@ -327,7 +327,7 @@ def compiled_engine(protocol: Protocol, model: EnergyModel, start: Start, nl, fa
 
     meta = protocol.metadynamics.resolved(protocol) if protocol.metadynamics is not None else None
     phys = dataclasses.replace(protocol, steps=1, replicas=1, chunk_steps=protocol.save_every, name="", reference="",
-                               replica_init="velocities", frame_split="test", metadynamics=meta)
+                               replica_init="velocities", frame_split="test", metadynamics=meta, scoring=())
     key = ("engine", phys, model.key, start.numbers.tobytes(), id(nl), id(failure_fn), batch, devices)
 
     def make():

@@ -19,6 +19,7 @@ FS_PER_TIME_UNIT = 10.180505671156725  # sqrt(amu Å^2 / eV) in fs (= 1 / ase.un
 KB_EV_PER_K = 8.617333262e-5
 ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
 MAX_TIMESTEP_FS = 5.0
+REPLICA_INITS = ("velocities", "frames", "fes_minima")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,9 @@ class Protocol:
     ensemble: 'nve' (velocity Verlet), 'nvt_langevin' (BAOAB, ``friction_per_fs``), or
       'nvt_nose_hoover' (chain of ``chain_length``, coupling time ``tau_fs``, default 100 dt).
     temperature_K: target (NVT) and initial Maxwell–Boltzmann temperature (all ensembles).
-    replica_init: 'velocities' (one frame, distinct velocity seeds) or 'frames' (distinct frames,
-      spread evenly over the split, each with its own seed).
+    replica_init: 'velocities' (one frame, distinct velocity seeds), 'frames' (distinct frames,
+      spread evenly over the split, each with its own seed) or 'fes_minima' (with metadynamics: the
+      split's frames nearest the local minima of its free-energy surface in the CVs, FaNE's six starts).
     save_every: steps between saved frames; chunk_steps: steps per compiled chunk (a multiple of
       save_every; overflow checks, disk writes and progress happen between chunks).
     skin: neighbor-list skin (Å); capacity_multiplier: initial neighbor-list capacity factor.
@@ -116,6 +118,7 @@ class Protocol:
     name: str = ""
     reference: str = ""
     metadynamics: MetadynamicsSettings | None = None
+    scoring: tuple[tuple[str, Any], ...] = ()  # the card's `scoring:` block (jaxbench.scoring.BenchSettings fields)
 
     def replace(self, **kw) -> "Protocol":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -146,8 +149,10 @@ class Protocol:
                 raise JaxbenchError(f"{where}Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
             if int(self.chain_length) < 1:
                 raise JaxbenchError(f"{where}chain_length must be >= 1, got {self.chain_length}")
-        if self.replica_init not in ("velocities", "frames"):
-            raise JaxbenchError(f"{where}replica_init must be 'velocities' or 'frames', got '{self.replica_init}'")
+        if self.replica_init not in REPLICA_INITS:
+            raise JaxbenchError(f"{where}replica_init must be one of {', '.join(REPLICA_INITS)}, got '{self.replica_init}'")
+        if self.replica_init == "fes_minima" and self.metadynamics is None:
+            raise JaxbenchError(f"{where}replica_init 'fes_minima' needs a metadynamics block (its CVs define the surface)")
         if not self.skin >= 0:
             raise JaxbenchError(f"{where}skin must be >= 0, got {self.skin}")
         if self.metadynamics is not None:
@@ -172,7 +177,9 @@ class Protocol:
         return float(self.friction_per_fs) * FS_PER_TIME_UNIT
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["scoring"] = dict(self.scoring)
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Protocol":
@@ -184,6 +191,8 @@ class Protocol:
         if isinstance(d.get("metadynamics"), dict):
             where = f"protocol '{d['name']}': " if d.get("name") else "protocol: "
             d["metadynamics"] = MetadynamicsSettings.from_dict(d["metadynamics"], where)
+        if isinstance(d.get("scoring"), (dict, list, tuple)):
+            d["scoring"] = tuple(sorted(dict(d["scoring"]).items()))
         return Protocol(**d)
 
 

@@ -1,0 +1,216 @@
+"""FaNE's two systems through `jaxbench bench`: generated data, a small model, the FaNE protocols.
+
+The end-to-end runs are marked slow (each trains a model and runs the OpenMM reference); the pieces
+they rely on have fast tests here: the starts at the free-energy minima, the per-element-pair RDF
+criterion, fixed-length MSD windows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxbench import md
+from jaxbench.frames import Frames
+from jaxbench.scoring import BenchSettings, diffusivity_per_element
+
+
+def test_fane_cards_load_with_their_scoring():
+    water = md.load_protocol("fane-water", "water-1k")
+    assert (water.steps, water.replicas, water.timestep_fs) == (500_000, 5, 1.0)
+    assert md.load_protocol("fane-water", "water-512").steps == 150_000
+    s = BenchSettings.from_protocol(water)
+    assert (s.rdf_stability_threshold, s.rdf_stability_pairs, s.msd_window_fs) == (3.0, "all", 100_000)
+    ala = md.load_protocol("fane-alanine", "alanine-dipeptide")
+    assert (ala.steps * ala.timestep_fs, ala.replicas, ala.replica_init) == (5e6, 6, "fes_minima")
+    m = ala.metadynamics
+    assert (m.height_kJ_mol, m.sigma_rad, m.pace_fs) == (1.2, 0.35, 1000)
+    with pytest.raises(Exception, match="scoring: unknown keys \\['rdf_treshold'\\]"):
+        BenchSettings.from_protocol(water.replace(scoring=(("rdf_treshold", 1.0),)))
+
+
+def test_fes_minima_starts_are_the_frames_nearest_each_basin():
+    """Frames sampled around three (phi, psi) basins of a 4-atom chain: one start per basin, deepest first."""
+    from jaxbench.metadynamics import dihedral
+    from jaxbench.stages import fes_minima_starts
+
+    rng = np.random.default_rng(0)
+    basins = [(-1.4, 2.6, 400), (-1.4, -0.7, 250), (1.0, 0.5, 100)]
+
+    def chain(phi, psi):  # 5 atoms: dihedral (0,1,2,3) = phi, (1,2,3,4) = psi
+        x = [np.array([0.0, 1.0, 0.0]), np.zeros(3), np.array([1.5, 0.0, 0.0])]
+        for ang in (phi, psi):
+            b, c = x[-2], x[-1]
+            u = (c - b) / np.linalg.norm(c - b)
+            a = x[-3] - b
+            perp = a - a.dot(u) * u
+            perp /= np.linalg.norm(perp)
+            w = np.cross(u, perp)
+            # rotating perp by the dihedral about the bond, pointing back along -u a little
+            d = np.cos(ang) * perp - np.sin(ang) * w
+            x.append(c + 1.5 * (0.3 * u + 0.95 * d))
+        return np.stack(x)
+
+    pos, want = [], []
+    for phi0, psi0, n in basins:
+        for _ in range(n):
+            pos.append(chain(phi0 + 0.2 * rng.standard_normal(), psi0 + 0.2 * rng.standard_normal()))
+    pos = np.stack(pos)
+    import jax.numpy as jnp
+
+    cv = np.array([[float(dihedral(*jnp.asarray(p[[0, 1, 2, 3]]))), float(dihedral(*jnp.asarray(p[[1, 2, 3, 4]])))]
+                   for p in pos])
+    frames = Frames.from_arrays(pos, np.full(5, 6), energy=np.zeros(len(pos)), validate=False)
+    proto = md.Protocol(replicas=3, replica_init="fes_minima", metadynamics=md.MetadynamicsSettings(
+        dihedrals=((0, 1, 2, 3), (1, 2, 3, 4))))
+    start = fes_minima_starts(frames, proto)
+    got = cv[list(start.frame_indices)]
+    first = np.cumsum([0] + [n for *_, n in basins])
+    for b, (phi, psi) in enumerate(got):  # the basins' measured centres, most populated first
+        centre = np.angle(np.exp(1j * cv[first[b]:first[b + 1]]).mean(axis=0))
+        assert np.all(np.abs(np.angle(np.exp(1j * (np.array([phi, psi]) - centre)))) < 0.3), (b, phi, psi, centre)
+    np.testing.assert_array_equal(start.positions, pos[list(start.frame_indices)])
+
+
+def test_fixed_msd_windows_recover_a_random_walk_and_skip_short_runs():
+    """Brownian particles with D known: 100-frame windows give D; a replica stable for less than the
+    required time gets no value."""
+    rng = np.random.default_rng(1)
+    dt_frame, D_A2_fs = 10.0, 0.02  # fs, Å²/fs  (= 2e-5 cm²/s... x 1e-1: 1 Å²/fs = 0.1 cm²/s)
+    T, N = 1001, 400
+    steps = rng.standard_normal((2, T, N, 3)) * np.sqrt(2 * D_A2_fs * dt_frame)
+    pos = np.cumsum(steps, axis=1)
+    traj = {"position": pos, "cell": np.eye(3) * 1000.0, "pbc": np.zeros(3, bool)}
+    species = np.full(N, 8)
+    s = BenchSettings(msd_window_fs=1000.0, msd_min_stable_fs=5000.0, msd_equilibration_fraction=0.0)
+    out = diffusivity_per_element(traj, np.array([T, 300]), dt_frame, s, species)["O"]
+    assert out["per_replica"][1] is None  # 300 frames = 2990 fs < 5000 fs
+    assert out["per_replica"][0] == pytest.approx(D_A2_fs * 0.1, rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end (slow): `jaxbench data generate` -> bench with the short FaNE protocols
+# ------------------------------------------------------------------------------------------------
+def small_schnet(r_max=None):
+    from jaxbench.potential import model_card
+
+    card = model_card("schnet")
+    card["name"] = "schnet-fane-test"
+    card["hyperparameters"].update(n_atom_basis=16, n_filters=16, n_interactions=1, n_rbf=16)
+    if r_max:
+        card["hyperparameters"]["r_max"] = r_max
+    card["training"].update(batch_size=4, valid_batch_size=8, learning_rate=0.005)
+    return card
+
+
+@pytest.mark.slow
+def test_alanine_metadynamics_bench_end_to_end(tmp_path, monkeypatch):
+    import jax
+
+    from jaxbench.data import ENV_DATA_DIR
+
+    monkeypatch.setenv(ENV_DATA_DIR, str(tmp_path))  # where `jaxbench data generate` writes, as a user sets it
+    jax.config.update("jax_enable_x64", True)
+    from jaxbench import generate
+    from jaxbench.bench import bench
+
+    g = generate.generate("alanine-dipeptide", frames=60, seed=0, data_dir=tmp_path, equil_ps=0.5, frame_every_ps=0.2)
+    proto = md.load_protocol("fane-alanine-short", "alanine-dipeptide").replace(steps=2000, replicas=2)
+    r = bench(small_schnet(), g["dataset"], tmp_path / "b", protocol=proto, train_budget="20s", max_epochs=2,
+              data_dir=tmp_path, progress=False, n_test=10)
+    fe = r["free_energy"]
+    assert fe["runs"] == 2 and fe["hills_per_replica"] == [20, 20] or fe["finished_runs"] < 2
+    if fe["finished_runs"]:
+        assert fe["mae_kJ_mol"]["F(phi)"]["mean"] > 0 and np.isfinite(fe["mae_kJ_mol"]["F(psi)"]["mean"])
+        assert (tmp_path / "b" / "ramachandran.png").is_file()
+    assert r["simulation"]["speed"]["steps_per_s"] > 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["free_energy"]["runs"] == 2
+    assert np.load(tmp_path / "b" / "reference_fes.npz")["fes_eV"].shape == (2, 72, 72)
+
+
+@pytest.mark.slow
+def test_free_energy_score_of_a_finished_metadynamics_run(tmp_path, monkeypatch):
+    """An elastic network of alanine dipeptide (bonds and 1-3 pairs harmonic, torsions free) runs the
+    short FaNE metadynamics to the end from the dataset's FES minima; its F(phi), F(psi) are scored against
+    OpenMM's metadynamics of the real force field: finite, and far from zero (no torsional barriers)."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    from jaxbench import data, generate, stages, trajectory
+    from jaxbench.data import ENV_DATA_DIR
+    from jaxbench.metrics import covalent_bonds
+
+    monkeypatch.setenv(ENV_DATA_DIR, str(tmp_path))
+    g = generate.generate("alanine-dipeptide", frames=60, seed=0, data_dir=tmp_path, equil_ps=0.5, frame_every_ps=0.2)
+    spec = data.get(g["dataset"])
+    frames = data.load(g["dataset"], "train")
+    x0 = frames.frame(0)["positions"]
+    b = covalent_bonds(x0, frames.frame(0)["numbers"])
+    nb = {i: set() for i in range(len(x0))}
+    for i, j in b:
+        nb[i].add(j)
+        nb[j].add(i)
+    pairs = {tuple(sorted(p)) for p in map(tuple, b)} | {tuple(sorted((i, k))) for j in nb for i in nb[j] for k in nb[j] if i != k}
+    pi, pj = np.array(sorted(pairs)).T
+    d0 = np.linalg.norm(x0[pi] - x0[pj], axis=1)
+
+    def network(graph):
+        x = graph.positions[: len(x0)]
+        return jnp.sum(20.0 * (jnp.linalg.norm(x[pi] - x[pj], axis=1) - d0) ** 2)
+
+    proto = md.load_protocol("fane-alanine-short", "alanine-dipeptide").replace(steps=4000, replicas=2)
+    start = stages.replica_starts(frames, proto, None)
+    sim = md.simulate(md.as_energy_model(network, cutoff=3.0), start, proto, seed=0, out=tmp_path / "t.h5", progress=False)
+    assert not sim.failed.any() and list(sim.hills["count"]) == [40, 40]
+    fe = stages.score_free_energy(start, trajectory.read(sim.path), sim.failed, spec, proto, seed=0, out=tmp_path)
+    s = fe.section
+    assert s["finished_runs"] == 2
+    for k in ("F(phi)", "F(psi)"):
+        assert all(v is not None and 0.5 < v < 100 for v in s["mae_kJ_mol"][k]["per_replica"]), s["mae_kJ_mol"]
+    assert fe.arrays["reference_fes_eV"].shape == (72, 72)
+    print(s["mae_kJ_mol"])
+
+
+def test_water_rdf_criterion_fires_on_one_element_pair():
+    """A hand-made jump: from frame 12 the H atoms pair up at 0.75 Å (H2), O-O and O-H stay as they were.
+    The in-engine criterion with every element pair (FaNE's water, Delta 3.0) dates the failure where
+    the post-hoc criterion on the H-H partial does; the O-O partial alone never fails."""
+    from collections import namedtuple
+
+    import jax.numpy as jnp
+
+    from jaxbench import metrics as M
+
+    rng = np.random.default_rng(2)
+    L, r_max, dr, window, delta = 9.0, 4.0, 0.1, 4, 3.0
+    cell, pbc = np.eye(3) * L, np.ones(3, bool)
+    species = np.array([8] * 8 + [1] * 16)
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
+    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    frames = []
+    for t in range(30):
+        x = base + 0.05 * rng.standard_normal((24, 3))
+        if t >= 12:  # H atoms 8+2k+1 jump next to 8+2k
+            x[9::2] = x[8::2] + np.array([0.75, 0.0, 0.0])
+        frames.append(x)
+    frames = np.stack(frames)
+    _, g_ref = M.rdf_frames(frames[:10], cell, pbc, species, r_max, dr, pairs="all")
+    g_ref = np.asarray(g_ref).mean(0)
+    _, g = M.rdf_frames(frames, cell, pbc, species, r_max, dr, pairs="all")
+    expect = int(M.stability_rdf(g, g_ref, dr, window, delta))
+    assert 12 - window < expect <= 12
+    pairs = M.species_pairs(species)
+    oo = [k for k, p in enumerate(pairs) if tuple(p) == (8, 8)][0]
+    assert int(M.stability_rdf(np.asarray(g)[:, oo], g_ref[oo], dr, window, delta)) == len(frames)
+
+    hook = M.rdf_stability_hook(g_ref, cell, pbc, species, r_max, dr, window, delta, pairs="all")
+    State = namedtuple("State", "position")
+    mem = hook.init(State(jnp.asarray(frames[0])))
+    for t in range(1, len(frames)):
+        mem, failed, onset = hook.update(mem, State(jnp.asarray(frames[t])))
+        if bool(failed):
+            break
+    assert bool(failed) and t - int(onset) == expect
