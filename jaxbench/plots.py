@@ -75,7 +75,7 @@ def bench_figures(out: Path, results: dict, traj, ref_traj, structure) -> dict[s
                 from ase.data import chemical_symbols
 
                 m = np.mean([np.asarray(M.msd(p, species, z)) for p in pos], axis=0)
-                ax.plot(t_ps[: len(m)], m, style, label=f"{label} {chemical_symbols[z]}")
+                ax.plot(np.asarray(tr["time"])[: len(m)] / 1000.0, m, style, label=f"{label} {chemical_symbols[z]}")
         ax.set_xlabel("t (ps)")
         ax.set_ylabel("MSD (Å²)")
         ax.legend(fontsize=7)

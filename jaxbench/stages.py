@@ -196,18 +196,34 @@ class Simulation:
 def _reference(start, oracle, oracle_name, reference_split, dataset, proto, *, seed, out, progress, data_dir):
     """The oracle's rollout (pooled replicas) or the dataset's frames at the protocol's temperature."""
     from . import md, trajectory
+    from .oracle import is_ase_calculator
 
     n_atoms = start.n_atoms
-    if oracle is not None:
+    if oracle is not None and not is_ase_calculator(oracle):
         ref = md.simulate(oracle, start, proto, seed=seed, out=out / "reference.h5", overwrite=True, progress=progress)
         ref_traj = trajectory.read(ref.path)
         ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
         ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
         return Reference(ref_pos, ref_cells, f"oracle '{oracle_name}' rollout, all replicas", ref_traj)
-    if reference_split is not None:
+    if reference_split is not None:  # an ASE oracle's rollout follows the model's (from its initial state)
         ref_pos, ref_cells = reference_frames(dataset, reference_split, n_atoms, data_dir)
         return Reference(ref_pos, ref_cells, f"dataset '{dataset}' split '{reference_split}'", None)
     return Reference(None, None, None, None)
+
+
+def _ase_oracle_reference(oracle, oracle_name, traj, proto, seed: int, before: Reference) -> Reference:
+    """An ASE-calculator oracle (OpenMM, EMT) rolled out with ASE's integrator from the model run's initial
+    positions and velocities; its frames become the structure reference (the dataset split, if any, was
+    only the RDF criterion's reference during the model's run)."""
+    from .oracle import reference_rollout
+
+    ref_traj = reference_rollout(oracle, traj, protocol=proto, seed=seed)
+    n_atoms = ref_traj["position"].shape[2]
+    ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
+    ok = np.all(np.isfinite(ref_pos), axis=(1, 2))
+    ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
+    name = f"oracle '{oracle_name}' rollout (ASE integrator), all replicas"
+    return Reference(ref_pos[ok], ref_cells[ok], name, ref_traj) if ok.any() else before
 
 
 def _simulation_section(sim, proto, start, n_saved: int) -> Section:
@@ -265,6 +281,8 @@ def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str 
     sim = md.simulate(pot, start, proto, params=params, seed=seed, out=out / "trajectory.h5", overwrite=True,
                       progress=progress, failure_fn=hook)
     traj = trajectory.read(sim.path)
+    if oracle is not None and ref.trajectory is None and proto.metadynamics is None:
+        ref = _ase_oracle_reference(oracle, oracle_name, traj, proto, seed, ref)
     n_saved = len(traj["step"])
     fail_frames = np.where(sim.failure_step >= 0, np.ceil(sim.failure_step / proto.save_every).astype(int), n_saved)
     fail_frames = np.minimum(fail_frames, n_saved)
@@ -443,7 +461,7 @@ def score_dynamics(sim: Simulation, spec, settings: BenchSettings) -> Section:
            + f", after {settings.msd_equilibration_fraction:g} equilibration"}
     if ref_traj is not None:
         dyn["reference_diffusivity_cm2_s"] = diffusivity_per_element(
-            ref_traj, np.full(len(ref_traj["position"]), sim.frames_saved), dt_frame, settings, species)
+            ref_traj, np.full(len(ref_traj["position"]), len(ref_traj["step"])), dt_frame, settings, species)
     elif reference_observables(spec).get("diffusivity_cm2_s"):
         dyn["reference_diffusivity_cm2_s"] = reference_observables(spec)["diffusivity_cm2_s"]
     else:

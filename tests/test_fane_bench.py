@@ -214,3 +214,30 @@ def test_water_rdf_criterion_fires_on_one_element_pair():
         if bool(failed):
             break
     assert bool(failed) and t - int(onset) == expect
+
+
+@pytest.mark.slow
+def test_water_bench_end_to_end_with_the_generating_force_field(tmp_path, monkeypatch):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from jaxbench import data, generate
+    from jaxbench.bench import bench
+    from jaxbench.data import ENV_DATA_DIR
+
+    monkeypatch.setenv(ENV_DATA_DIR, str(tmp_path))
+    g = generate.generate("water-64", frames=40, seed=0, data_dir=tmp_path, equil_npt_ps=1.0, equil_nvt_ps=0.2,
+                          frame_every_steps=5)
+    oracle = generate.oracle_for(data.get(g["dataset"]).generated)
+    proto = md.load_protocol("fane-water-short", "water-1k")
+    r = bench(small_schnet(r_max=4.0), g["dataset"], tmp_path / "b", protocol=proto, train_budget="20s", max_epochs=2,
+              oracle=oracle, progress=False, n_test=4)
+    stab = r["stability"]
+    assert "every element pair" in stab["criterion_in_md"] and "Delta 3.0" in stab["criterion_in_md"]
+    assert r["structure"]["reference"].startswith("oracle 'water-64' rollout")
+    dyn = r["dynamics"]
+    assert set(dyn["reference_diffusivity_cm2_s"]) == {"H", "O"} and "1000 fs windows" in dyn["window"]
+    d_o = dyn["reference_diffusivity_cm2_s"]["O"]["per_replica"]
+    assert all(0 < d < 1e-3 for d in d_o), d_o  # liquid water ~2e-5 cm²/s; 1 ps windows are short and noisy
+    assert r["violation"]["reference"].startswith("oracle")
+    assert r["simulation"]["speed"]["steps_per_s"] > 0
