@@ -126,8 +126,31 @@ def structure_vs_reference(traj, ref_positions, ref_cells, pbc, species, stable_
         "noise_floor_reference_halves": floor,
     }
     out.update({k: replica_stats(v) for k, v in per.items()})
+    if periodic and settings.rdf_stability_pairs:
+        out["rdf_mae_per_pair"] = pair_rdf_mae(pos, traj["cell"], ref_positions, ref_cells, pbc, species, stable_frames,
+                                               r_max, dr)
     arrays = dict(r=np.asarray(r), g_ref=g_ref, g_model=g_model, g_model_frames=g_model_frames)
     return out, arrays
+
+
+def pair_rdf_mae(pos, cell, ref_positions, ref_cells, pbc, species, stable_frames, r_max: float, dr: float) -> dict:
+    """FaNE Table 8's RDF(O,O), RDF(H,H), RDF(H,O): the RDF MAE of each element pair's g(r) over each
+    replica's stable frames against the reference's, ``{"O-O": replica_stats, ...}``."""
+    from ase.data import chemical_symbols
+
+    from . import metrics as M
+
+    pairs = M.species_pairs(species)
+    _, g_ref = M.rdf_frames(ref_positions, ref_cells, pbc, species, r_max, dr, pairs="all")
+    g_ref = np.asarray(g_ref).mean(0)  # [P, nbins]
+    per = {f"{chemical_symbols[a]}-{chemical_symbols[b]}": [] for a, b in pairs}
+    for rep in range(pos.shape[0]):
+        n_ok = int(stable_frames[rep])
+        g = np.asarray(M.rdf_frames(pos[rep, :n_ok], cell, pbc, species, r_max, dr, pairs="all")[1]).mean(0) \
+            if n_ok else None
+        for k, name in enumerate(per):
+            per[name].append(None if g is None else float(M.rdf_mae(g[k], g_ref[k], dr)))
+    return {name: replica_stats(v) for name, v in per.items()}
 
 
 def rdf_failure_hook(start, ref_pos, ref_cells, proto, settings):

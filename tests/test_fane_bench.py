@@ -241,3 +241,30 @@ def test_water_bench_end_to_end_with_the_generating_force_field(tmp_path, monkey
     assert all(0 < d < 1e-3 for d in d_o), d_o  # liquid water ~2e-5 cm²/s; 1 ps windows are short and noisy
     assert r["violation"]["reference"].startswith("oracle")
     assert r["simulation"]["speed"]["steps_per_s"] > 0
+
+
+def test_pair_rdf_mae_sees_only_the_pair_that_changed():
+    """FaNE Table 8's per-pair RDF MAE: H atoms moved next to each other change H-H (and H-O), never O-O;
+    the same frames as the reference score 0; a failed replica's stable frames only are used."""
+    from jaxbench import metrics as M
+    from jaxbench.scoring import pair_rdf_mae
+
+    rng = np.random.default_rng(3)
+    L, r_max, dr = 9.0, 4.0, 0.1
+    cell, pbc = np.eye(3) * L, np.ones(3, bool)
+    species = np.array([8] * 8 + [1] * 16)
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
+    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    ref = base + 0.05 * rng.standard_normal((20, 24, 3))
+    moved = ref.copy()
+    moved[:, 9::2] = moved[:, 8::2] + np.array([0.75, 0.0, 0.0])
+    pos = np.stack([ref, moved])
+    out = pair_rdf_mae(pos, cell, ref, np.broadcast_to(cell, (20, 3, 3)), pbc, species, np.array([20, 20]), r_max, dr)
+    assert set(out) == {"H-H", "H-O", "O-O"}
+    assert out["O-O"]["per_replica"] == [0.0, 0.0] and out["H-H"]["per_replica"][0] == 0.0
+    g_hh = lambda x: np.asarray(M.rdf(x, cell, pbc, species, r_max, dr, pairs=[(1, 1)])[1])[0]  # noqa: E731
+    assert out["H-H"]["per_replica"][1] == pytest.approx(float(M.rdf_mae(g_hh(moved), g_hh(ref), dr)), rel=1e-9)
+    assert out["H-H"]["per_replica"][1] > 1.0
+    # replica 1 stable for 0 frames: no value
+    assert pair_rdf_mae(pos, cell, ref, cell[None].repeat(20, 0), pbc, species, np.array([20, 0]), r_max,
+                        dr)["H-H"]["per_replica"][1] is None
