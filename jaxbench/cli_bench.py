@@ -80,7 +80,7 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from .report import report
 
-    res = report(args.benchmarks, out=args.out)
+    res = report(args.benchmarks, out=args.out, paper=args.paper)
     print(res["markdown"])
     if args.out:
         print(f"written: {Path(args.out) / 'report.md'} and table1-4.csv")
@@ -124,5 +124,7 @@ def add_commands(sub) -> None:
 
     pr = sub.add_parser("report", help="EGraFFBench-style Tables 1-4 over benchmark directories, beside the paper's values")
     pr.add_argument("benchmarks", nargs="+", help="directories written by `jaxbench bench` (or their results.json)")
-    pr.add_argument("--out", help="write report.md and table1-4.csv here")
+    pr.add_argument("--out", help="write report.md and table*.csv here")
+    pr.add_argument("--paper", default="egraffbench", choices=["egraffbench", "fu2023"],
+                    help="whose tables: EGraFFBench's Tables 1-4 (default) or FaNE's (fu2023: Tables 4-6, 8, 9, 11)")
     pr.set_defaults(func=cmd_report)

@@ -145,13 +145,24 @@ def load_results(path) -> dict[str, Any]:
         return json.load(f)
 
 
-def report(paths, out=None) -> dict[str, Any]:
-    """Tables 1-4 over the benchmark directories `paths`; written to `out` (report.md + table*.csv) if given."""
+PAPERS = ("egraffbench", "fu2023")
 
+
+def report(paths, out=None, paper: str = "egraffbench") -> dict[str, Any]:
+    """The paper's tables over the benchmark directories `paths` ('egraffbench': Tables 1-4; 'fu2023':
+    FaNE's Tables 4-6, 8, 9, 11); written to `out` (report.md + table*.csv) if given."""
+    if paper not in PAPERS:
+        raise JaxbenchError(f"unknown paper '{paper}' (known: {', '.join(PAPERS)})")
     results = [load_results(p) for p in paths]
-    tabs = tables(results)
-    md = ["# jaxbench report", "", "Benchmarks: " + ", ".join(str(p) for p in paths), "",
-          "Published values: EGraFFBench (Bihani et al., Digital Discovery 2024), as printed.", ""]
+    if paper == "fu2023":
+        from .report_fane import FOOTNOTE, fane_tables
+
+        tabs = fane_tables(results)
+        source = f"Published values: Fu et al., Forces are not Enough (TMLR 2023), as printed. {FOOTNOTE}"
+    else:
+        tabs = tables(results)
+        source = "Published values: EGraFFBench (Bihani et al., Digital Discovery 2024), as printed."
+    md = ["# jaxbench report", "", "Benchmarks: " + ", ".join(str(p) for p in paths), "", source, ""]
     md += [markdown_table(t) for t in tabs.values()]
     text = "\n".join(md)
     if out is not None:

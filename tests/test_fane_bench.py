@@ -268,3 +268,40 @@ def test_pair_rdf_mae_sees_only_the_pair_that_changed():
     # replica 1 stable for 0 frames: no value
     assert pair_rdf_mae(pos, cell, ref, cell[None].repeat(20, 0), pbc, species, np.array([20, 0]), r_max,
                         dr)["H-H"]["per_replica"][1] is None
+
+
+def test_fane_report_tables_put_the_paper_beside_ours(tmp_path):
+    """`jaxbench report --paper fu2023` on hand-made results: units converted (fs -> ps, cm²/s -> 1e-9 m²/s
+    MAE), the published SchNet rows beside ours, a table without published values says so."""
+    from jaxbench.report import published, report
+    from jaxbench.scoring import replica_stats
+
+    def result(dataset, **sections):
+        return {"dataset": dataset, "model": "schnet-x", "architecture": "schnet",
+                "accuracy": {"forces_mae_meV_A": 12.5},
+                "simulation": {"speed": {"steps_per_s": 250.0}},
+                "stability": {"stable_time_fs": replica_stats([100_000.0, 300_000.0])}, **sections}
+
+    water = result("water-1k", structure={"rdf_mae_per_pair": {"O-O": replica_stats([0.2, 0.4]),
+                                                             "H-H": replica_stats([0.1, 0.1]),
+                                                             "H-O": replica_stats([0.3, 0.5])}},
+                   dynamics={"diffusivity_cm2_s": {"O": replica_stats([2.0e-5, 3.0e-5])},
+                             "reference_diffusivity_cm2_s": {"O": replica_stats([2.3e-5, 2.3e-5])}})
+    ala = result("alanine-dipeptide-n2000-s0", free_energy={"runs": 6, "finished_runs": 4, "mae_kJ_mol": {
+        "F(phi)": replica_stats([1.0, 2.0, 3.0, None]), "F(psi)": replica_stats([0.5, 0.5, 0.5, None])}})
+    water512 = result("water-512-n100-s0")
+    for name, r in (("w", water), ("a", ala), ("w512", water512)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    rep = report([tmp_path / "w", tmp_path / "a", tmp_path / "w512"], out=tmp_path / "rep", paper="fu2023")
+    t8 = rep["tables"]["table8"]["rows"][0]
+    paper = next(r for r in published()["fu2023"]["table8"]["rows"] if r["model"] == "SchNet")
+    assert t8[0] == "schnet-x" and t8[1] == "12.5" and t8[2].startswith(f"{paper['Force']:g}")
+    assert t8[3] == "200 (100)"  # stable ps: mean (std) of 100 and 300 ps
+    assert t8[5] == "0.3 (0.1)" and t8[11] == "0.2"  # |2.5e-5 - 2.3e-5| cm²/s = 0.2 x 1e-9 m²/s
+    t5 = rep["tables"]["table5"]["rows"][0]
+    assert t5[3] == "4/6" and t5[5].startswith("2 (") and t5[7] == "0.5 (0)"
+    assert "not in the project's copy" in rep["tables"]["table11"]["title"]
+    assert "regenerated with OpenMM" in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(Exception, match="unknown paper"):
+        report([tmp_path / "w"], paper="fu2024")
