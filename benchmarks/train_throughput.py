@@ -4,7 +4,7 @@ One step = forward, forces (-dE/dpositions), loss, backward, gradient clipping, 
 update, on a batch that is already assembled (the data pipeline is timed separately for jaxbench, as
 "batch assembly", and left out of both step columns).
 
-  jaxbench    the jitted step `jaxbench.train` trains with (`_step_functions`), EGraFFBench card `mace`:
+  jaxbench    the jitted step `jaxbench.train` trains with (`step_functions`), EGraFFBench card `mace`:
               WeightedEnergyForcesLoss weights (energy per atom 1, forces 10), AMSGrad lr 0.01, weight
               decay 5e-7 on the card's `weight_decay_on` leaves, clip 10, EMA 0.99; padded batches as
               `train` builds them, split over the CPU devices as `train` does (one device per core,
@@ -150,7 +150,7 @@ def jax_throughput(card, frames, batch_size: int, steps: int, warmup: int, dtype
     from jaxbench.graph import build_graphs
     from jaxbench.potential import Potential
     from jaxbench.stats import compute_statistics
-    from jaxbench.train import TrainingConfig, _cast_graph, _init_params, _step_functions, make_optimizer
+    from jaxbench.train import TrainingConfig, cast_graph, init_params, make_optimizer, step_functions
 
     r_max = float(card["hyperparameters"]["r_max"])
     stats = compute_statistics(frames, r_max)
@@ -164,15 +164,15 @@ def jax_throughput(card, frames, batch_size: int, steps: int, warmup: int, dtype
     def assemble(i):
         idx = np.arange(i * batch_size, (i + 1) * batch_size)
         if devices > 1:  # as `jaxbench.train`: the batch split over the devices, data-parallel step
-            return _cast_graph(fg.sharded_batch(idx, devices, n_graph=batch_size), dtype)
-        return _cast_graph(fg.batch(idx, n_graph=batch_size), dtype)
+            return cast_graph(fg.sharded_batch(idx, devices, n_graph=batch_size), dtype)
+        return cast_graph(fg.batch(idx, n_graph=batch_size), dtype)
 
     t0 = time.perf_counter()
     batches = [assemble(i) for i in range(n_batches)]
     t_assemble = (time.perf_counter() - t0) / n_batches
     tx = make_optimizer(cfg)
-    step_fn, _eval, init_fn = _step_functions(pot, cfg, tx, compute_stress=False, devices=devices)
-    params = _init_params(pot, init_fn, jax.random.PRNGKey(0), _cast_graph(fg.batch(np.arange(batch_size), n_graph=batch_size), dtype),
+    step_fn, _eval, init_fn = step_functions(pot, cfg, tx, compute_stress=False, devices=devices)
+    params = init_params(pot, init_fn, jax.random.PRNGKey(0), cast_graph(fg.batch(np.arange(batch_size), n_graph=batch_size), dtype),
                           np.dtype(dtype))
     state = dict(params=params, opt_state=tx.init(params), ema_params=params)
     weights = cfg.weights

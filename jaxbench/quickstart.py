@@ -139,7 +139,7 @@ def quickstart(out="quickstart", train_budget: str = "90s", steps: int | None = 
 
 
 def summary_table(r: dict[str, Any]) -> str:
-    from .report import fmt, mean_std
+    from .tables import fmt, mean_std
 
     acc, st, v, dyn = r["accuracy"], r.get("structure", {}), r.get("violation", {}), r.get("dynamics", {})
     sim, stab = r["simulation"], r["stability"]

@@ -13,12 +13,12 @@ The published numbers come from the copy in `jaxbench/paper/published.json`.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from .errors import JaxbenchError
+from .tables import fmt, mean_std, published
 
 DATASET_LABELS = {
     "md17-aspirin": "Aspirin", "md17-ethanol": "Ethanol", "md17-naphthalene": "Naphthalene",
@@ -31,14 +31,6 @@ MODEL_LABELS = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def published() -> dict[str, Any]:
-    from importlib import resources
-
-    with resources.files("jaxbench.paper").joinpath("published.json").open() as f:
-        return json.load(f)
-
-
 def paper_row(table: str, dataset: str, architecture: str | None, paper: str = "egraffbench") -> dict | None:
     """The published row of `table` for (dataset, architecture), or None."""
     label = DATASET_LABELS.get(dataset) or DATASET_LABELS.get(dataset.split("-")[0])
@@ -49,25 +41,6 @@ def paper_row(table: str, dataset: str, architecture: str | None, paper: str = "
         if row["dataset"].lower() == label.lower() and row["model"] == model and "split" not in row:
             return row
     return None
-
-
-def fmt(x, digits=3) -> str:
-    """A number for a table: 3 significant digits, "—" for none."""
-    if x is None:
-        return "—"
-    if isinstance(x, str):
-        return x
-    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
-        return f"{x:.{digits}g}"
-    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{max(digits - len(str(int(abs(x)))), 0) + 1}f}".rstrip("0").rstrip(".")
-
-
-def mean_std(stat: dict | None, scale: float = 1.0) -> str:
-    """A replica_stats entry as "mean (std)", scaled, "—" when no replica has a value."""
-    if not stat or stat.get("mean") is None:
-        return "—"
-    s = fmt(stat["mean"] * scale)
-    return s + (f" ({fmt(stat['std'] * scale)})" if stat.get("std") is not None else "")
 
 
 def _value(section: dict | None, key: str):

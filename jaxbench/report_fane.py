@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import fmt, mean_std, published
+from .tables import fmt, mean_std, published
 
 MODEL_LABELS = {"schnet": "SchNet", "nequip": "NequIP"}  # the architectures FaNE and jaxbench share
 WATER_TABLES = {"water-10k": "table4", "water-1k": "table8", "water-90k": "table9", "water-512": "table11"}

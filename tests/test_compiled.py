@@ -52,16 +52,17 @@ def test_check_clears_registered_caches_past_the_fraction(monkeypatch):
 
 
 def test_the_project_caches_are_registered():
-    from jaxbench import evaluate, metrics, train
+    from jaxbench import evaluate, metrics
     from jaxbench.md import engine as md_engine
+    from jaxbench.train import step as train_step
 
     md_engine._CACHE["probe"] = object()
-    train._FN_CACHE["probe"] = object()
+    train_step._FN_CACHE["probe"] = object()
     evaluate._PREDICT_CACHE["probe"] = object()
     metrics._pair_counts_fn(1, 2, (False, False, False), (0, 0), 1, None, 3.0, 4, 0.75, "float64")
     assert metrics._pair_counts_fn.cache_info().currsize >= 1
     compiled.clear()
-    assert "probe" not in md_engine._CACHE and "probe" not in train._FN_CACHE and "probe" not in evaluate._PREDICT_CACHE
+    assert "probe" not in md_engine._CACHE and "probe" not in train_step._FN_CACHE and "probe" not in evaluate._PREDICT_CACHE
     assert metrics._pair_counts_fn.cache_info().currsize == 0
 
 

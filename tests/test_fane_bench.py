@@ -53,7 +53,7 @@ def test_fes_minima_starts_are_the_frames_nearest_each_basin():
             x.append(c + 1.5 * (0.3 * u + 0.95 * d))
         return np.stack(x)
 
-    pos, want = [], []
+    pos = []
     for phi0, psi0, n in basins:
         for _ in range(n):
             pos.append(chain(phi0 + 0.2 * rng.standard_normal(), psi0 + 0.2 * rng.standard_normal()))

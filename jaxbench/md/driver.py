@@ -32,7 +32,6 @@ def allocate_batch(cell, pbc, cutoff, skin, multiplier, positions, max_tries: in
     """Neighbor lists for R replicas with one shared capacity: allocate from every replica's
     positions, keep the largest, rebuild it for each replica; grow the capacity until nothing
     overflows. Returns (NeighborListFns, batched Neighbors, multiplier used)."""
-    import jax
     import jax.numpy as jnp
 
     positions = np.asarray(positions)
