@@ -45,12 +45,12 @@ def cmd_data_list(args) -> int:
 def cmd_data_fetch(args) -> int:
     from . import data
 
-    names = list(data.datasets()) if args.all else args.names
+    names = list(data.datasets(args.data_dir)) if args.all else args.names
     if not names:
         print("jaxbench data fetch: name at least one dataset, or --all", file=sys.stderr)
         return 2
     for n in names:
-        data.get(n)  # unknown names fail before anything is copied
+        data.get(n, args.data_dir)  # unknown names fail before anything is copied
     root = data.resolve_data_dir(args.data_dir)
     mirror = data.resolve_mirror(args.mirror)
     print(f"fetching {len(names)} dataset(s) into {root} from {mirror if mirror else 'upstream URLs'}")
@@ -130,7 +130,7 @@ def cmd_train(args) -> int:
             out=args.out, resume=args.resume, dtype=args.dtype, n_train=args.n_train, n_val=args.n_val,
             checkpoint_every=args.checkpoint_every, progress=not args.quiet,
             pause_after_checkpoint=args.pause_after_checkpoint, devices=args.devices,
-            swa_on_budget=args.swa_start != "epochs",
+            swa_on_budget=args.swa_start != "epochs", data_dir=args.data_dir,
         )
     except TrainingDivergedError as e:
         print(f"jaxbench: training diverged: {e}", file=sys.stderr)
@@ -143,7 +143,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     res = evaluate(args.run, dataset=args.dataset, split=args.split, which=args.which, n_frames=args.n_frames,
-                   batch_size=args.batch_size, plots=not args.no_plots)
+                   batch_size=args.batch_size, plots=not args.no_plots, data_dir=args.data_dir)
     print(json.dumps(res["metrics"], indent=2))
     print(f"results: {res['results_path']}")
     return 0
@@ -183,7 +183,7 @@ def cmd_simulate(args) -> int:
     from .errors import JaxbenchError
     from .runs import load_energy_model
 
-    spec = data.get(args.dataset)
+    spec = data.get(args.dataset, data_dir=args.data_dir)
     protocol = md.load_protocol(args.protocol or "egraffbench", dataset=spec.name)
     protocol = protocol.replace(
         replicas=args.replicas, steps=args.steps, temperature_K=args.temperature, timestep_fs=args.timestep,
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     pml.add_argument("--species", default="H,C,O", help="species the counts are for (default H,C,O)")
     pml.set_defaults(func=cmd_models_list)
 
-    psim = sub.add_parser("simulate", help="MD with a trained run (or a Python energy model) on a dataset")
+    psim = sub.add_parser("simulate", parents=[common], help="MD with a trained run (or a Python energy model) on a dataset")
     psim.add_argument("run", help="trained run directory, or 'module:attr' (EnergyModel / factory, e.g. jaxbench.md:morse)")
     psim.add_argument("--dataset", required=True, help="dataset name (start frames from its protocol split)")
     psim.add_argument("--protocol", help="protocol card name in sims/ or a YAML path (default: egraffbench)")
@@ -289,10 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     psim.add_argument("--out", help="output directory (trajectory.h5 + summary.json)")
     psim.add_argument("--overwrite", action="store_true", help="replace an existing trajectory")
     psim.add_argument("--quiet", action="store_true", help="no progress bar")
-    psim.add_argument("--data-dir", help="data directory")
     psim.set_defaults(func=cmd_simulate)
 
-    pt = sub.add_parser("train", help="train a model card on a dataset (resumable run directory)")
+    pt = sub.add_parser("train", parents=[common], help="train a model card on a dataset (resumable run directory)")
     pt.add_argument("--model", help="model card (see `jaxbench models list`); optional with --resume")
     pt.add_argument("--dataset", help="dataset (see `jaxbench data list`); optional with --resume")
     pt.add_argument("--budget", default=None, help="wall-clock budget, e.g. 60m, 2h (default 60m; with --resume: the run's)")
@@ -313,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--pause-after-checkpoint", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     pt.set_defaults(func=cmd_train)
 
-    pe = sub.add_parser("evaluate", help="errors of a trained run on a dataset split: results.json + parity plots")
+    pe = sub.add_parser("evaluate", parents=[common], help="errors of a trained run on a dataset split: results.json + parity plots")
     pe.add_argument("run", help="run directory written by `jaxbench train`")
     pe.add_argument("--dataset", help="dataset (default: the run's)")
     pe.add_argument("--split", default="test")

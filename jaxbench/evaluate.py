@@ -134,8 +134,8 @@ def evaluate(
     compiled.check()  # before this evaluation compiles (see jaxbench.compiled)
     run = Path(run)
     info = runs.read_run(run)  # names a missing / broken run before any data is read
-    dataset = data.get(dataset).name if dataset is not None else info["dataset"]["name"]
-    spec = data.get(dataset)
+    dataset = data.get(dataset, data_dir).name if dataset is not None else info["dataset"]["name"]
+    spec = data.get(dataset, data_dir)
     if split not in spec.splits:
         from .errors import UnknownNameError
 

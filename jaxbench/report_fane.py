@@ -7,8 +7,11 @@
   Table 4 / 8 / 9 / 11   water-10k / 1k / 90k / 512: force MAE, stability (ps), RDF(O,O), RDF(H,H),
             RDF(H,O), diffusivity MAE of O (1e-9 m²/s), FPS
 
-The published rows come from the project's copy (`jaxbench/paper/published.json`); Tables 4 and 11 are
-not in it, so their paper column is empty and says so. FaNE's water and alanine data were made with
+The published rows come from the project's copy (`jaxbench/paper/published.json`). Under our rows, each
+table lists FaNE's published rows for the architectures we did not run ("FaNE: NequIP", paper columns
+only), so a model FaNE did not benchmark (MACE) still stands beside the paper's numbers. Tables 4 and 11
+have no copy: the paper's text we follow prints their captions but not their bodies (they are images),
+so their paper column is empty and the title says so. FaNE's water and alanine data were made with
 their own force fields and engines; ours are regenerated with OpenMM (`jaxbench data generate`), so
 the columns compare the protocol and the metrics, not the same frames.
 """
@@ -53,6 +56,24 @@ def _paper(row: dict | None, key: str) -> str:
     return fmt(row[key]) + (f" ({fmt(std)})" if std is not None else "")
 
 
+def _published_rows(table: str, present: set[str | None], columns: list[str], lead: int = 1) -> list[list[str]]:
+    """FaNE's rows of `table` for the models not in `present`: the paper cells filled, ours blank.
+    `columns` names the paper key of each cell after the label (None: one of ours)."""
+    rows = (published().get("fu2023", {}).get(table) or {}).get("rows") or []
+    shown = {MODEL_LABELS.get(a or "") for a in present}
+    out = []
+    for row in rows:
+        if row["model"] in shown:
+            continue
+        out.append([f"FaNE: {row['model']}"] + [_finished(row) if key == "#Finished" else _paper(row, key) if key
+                                                else "" for key in columns])
+    return out
+
+
+def _finished(row: dict | None) -> str:
+    return f"{row['#Finished']}/{row['#Finished_total']}" if row and row.get("#Finished") is not None else "—"
+
+
 def _stable_ps(r: dict) -> str:
     return mean_std((r.get("stability") or {}).get("stable_time_fs"), 1e-3)
 
@@ -77,17 +98,21 @@ def _diffusivity_mae(r: dict, element: str) -> str:
 
 def fane_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
     alanine, lips, water = [], [], {t: [] for t in WATER_TABLES.values()}
+    archs: dict[str, set] = {}
     for r in results:
         fam, arch = _family(r["dataset"]), r.get("architecture")
         force = fmt((r.get("accuracy") or {}).get("forces_mae_meV_A"))
         label = r.get("model") or "?"
+        table_of = {"alanine-dipeptide": "table5", "lips": "table6"}.get(fam, WATER_TABLES.get(fam))
+        if table_of:
+            archs.setdefault(table_of, set()).add(arch)
         if fam == "alanine-dipeptide":
             p = _paper_row("table5", "alanine", arch)
             fe = r.get("free_energy") or {}
             mae = fe.get("mae_kJ_mol") or {}
             finished = f"{fe['finished_runs']}/{fe['runs']}" if "runs" in fe else "—"
             alanine.append([label, force, _paper(p, "Force"), finished,
-                            f"{p['#Finished']}/{p['#Finished_total']}" if p else "—",
+                            _finished(p),
                             mean_std(mae.get("F(phi)")), _paper(p, "F(phi)"), mean_std(mae.get("F(psi)")),
                             _paper(p, "F(psi)"), _fps(r), _paper(p, "FPS")])
         elif fam in WATER_TABLES:
@@ -114,8 +139,19 @@ def fane_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
            "table6": {"title": "Table 6: LiPS (force meV/Å, stability ps, diffusivity MAE 1e-9 m²/s)",
                       "header": ["model", "F ours", "F paper", "stability ps ours", "paper", "RDF MAE ours", "paper",
                                  "D(Li) MAE ours", "paper", "FPS ours", "FPS paper"], "rows": lips}}
+    water_paper = [None, "Force", None, "Stability", None, "RDF(O,O)", None, "RDF(H,H)", None, "RDF(H,O)",
+                   None, "Diffusivity", None]
+    if alanine:
+        alanine += _published_rows("table5", archs["table5"],
+                                   [None, "Force", None, "#Finished", None, "F(phi)", None, "F(psi)", None, "FPS"])
+    if lips:
+        lips += _published_rows("table6", archs["table6"],
+                                [None, "Force", None, "Stability", None, "RDF", None, "Diffusivity", None, "FPS"])
     for table, rows in water.items():
-        note = "" if published().get("fu2023", {}).get(table) else " (paper values not in the project's copy)"
+        if rows:
+            rows += _published_rows(table, archs[table], water_paper)
+        note = "" if published().get("fu2023", {}).get(table) else (
+            " (no paper values: the FaNE text we follow prints this table as an image, not in the project's copy)")
         out[table] = {"title": titles[table] + note + " (force meV/Å, stability ps, D MAE 1e-9 m²/s)",
                       "header": water_header, "rows": rows}
     return {k: v for k, v in out.items() if v["rows"]}

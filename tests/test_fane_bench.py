@@ -302,6 +302,15 @@ def test_fane_report_tables_put_the_paper_beside_ours(tmp_path):
     t5 = rep["tables"]["table5"]["rows"][0]
     assert t5[3] == "4/6" and t5[5].startswith("2 (") and t5[7] == "0.5 (0)"
     assert "not in the project's copy" in rep["tables"]["table11"]["title"]
+    # FaNE's rows for the architectures not run sit under ours, paper cells only; SchNet's is not repeated
+    labels = [row[0] for row in rep["tables"]["table8"]["rows"]]
+    assert "FaNE: SchNet" not in labels and "FaNE: NequIP" in labels
+    nequip = next(row for row in rep["tables"]["table8"]["rows"] if row[0] == "FaNE: NequIP")
+    paper_nequip = next(r for r in published()["fu2023"]["table8"]["rows"] if r["model"] == "NequIP")
+    assert nequip[1] == "" and nequip[2] == f"{paper_nequip['Force']:g}" and nequip[3] == ""
+    ala_nequip = next(row for row in rep["tables"]["table5"]["rows"] if row[0] == "FaNE: NequIP")
+    paper_ala = next(r for r in published()["fu2023"]["table5"]["rows"] if r["model"] == "NequIP")
+    assert ala_nequip[4] == f"{paper_ala['#Finished']}/{paper_ala['#Finished_total']}"
     assert "regenerated with OpenMM" in (tmp_path / "rep" / "report.md").read_text()
     with pytest.raises(Exception, match="unknown paper"):
         report([tmp_path / "w"], paper="fu2024")

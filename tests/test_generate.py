@@ -86,12 +86,14 @@ def test_water_units_against_openmm(water_dir):
     f_kj_nm = st.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
     assert len(fr) == 1
     assert fr.energy[0] == pytest.approx(e_kj * KJ, rel=1e-6)
-    np.testing.assert_allclose(fr.forces[:192], f_kj_nm * KJ / 10.0, rtol=1e-5, atol=1e-6)
+    # OpenMM's CPU platform sums PME forces in single precision in a thread-count-dependent order, so two
+    # contexts agree to ~1e-5 eV/Å (seen: 7.5e-6); a unit slip (nm vs Å, kJ vs kcal) is a factor >= 4
+    np.testing.assert_allclose(fr.forces[:192], f_kj_nm * KJ / 10.0, rtol=1e-5, atol=3e-5)
     # the oracle reproduces the stored labels
     orc = generate.oracle_for(fr.info["generated"])
     e, f = orc.evaluate_frames(fr.positions[:192][None], fr.cell[0])
     assert e[0] == pytest.approx(fr.energy[0], rel=1e-6)
-    np.testing.assert_allclose(f[0], fr.forces[:192], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f[0], fr.forces[:192], rtol=1e-5, atol=3e-5)
 
 
 def test_water_forces_are_energy_gradient(water_dir):
@@ -196,3 +198,23 @@ def test_cli(tmp_path, capsys):
     assert "bulk-emt-2-n3-s2" in capsys.readouterr().out
     with pytest.raises(KeyError):
         generate.cli_main(["no-such", "--data-dir", str(tmp_path)])
+
+
+def test_train_and_evaluate_find_generated_data_through_data_dir(tmp_path):
+    """A generated dataset outside $JAXBENCH_DATA_DIR is found by train / evaluate / simulate when given
+    `data_dir` (`--data-dir`), and named as unknown without it."""
+    from jaxbench.cli import build_parser
+    from jaxbench.errors import UnknownNameError
+    from jaxbench.train import plan_run
+
+    name = generate.generate("bulk-emt-2", frames=3, seed=5, data_dir=tmp_path)["dataset"]
+    kw = dict(n_train=None, n_val=None, train_split="train", val_split="val", training=None, statistics=None,
+              checkpoint_every=None, swa_on_budget=True, devices=None)
+    plan = plan_run("schnet-small", name, "1m", 1, 0, tmp_path / "run", False, "float32", data_dir=tmp_path, **kw)
+    assert plan.dataset == name
+    with pytest.raises(UnknownNameError):
+        plan_run("schnet-small", name, "1m", 1, 0, tmp_path / "run", False, "float32", **kw)
+    parser = build_parser()
+    for cmd in (["train", "--model", "schnet-small", "--dataset", name], ["evaluate", "RUN"],
+                ["simulate", "RUN", "--dataset", name]):
+        assert parser.parse_args(cmd + ["--data-dir", str(tmp_path)]).data_dir == str(tmp_path)

@@ -338,7 +338,8 @@ def train(
     compiled.check()  # before this run compiles (see jaxbench.compiled)
     plan = plan_run(model, dataset, budget, max_epochs, seed, out, resume, dtype, n_train=n_train, n_val=n_val,
                     train_split=train_split, val_split=val_split, training=training, statistics=statistics,
-                    checkpoint_every=checkpoint_every, swa_on_budget=swa_on_budget, devices=devices)
+                    checkpoint_every=checkpoint_every, swa_on_budget=swa_on_budget, devices=devices,
+                    data_dir=data_dir)
     prep = prepare(plan, data_dir)
     write_run_files(plan, prep, checkpoint_every_s)
     loop = Loop(plan, prep, checkpoint_every_s=checkpoint_every_s, pause_after_checkpoint=pause_after_checkpoint,

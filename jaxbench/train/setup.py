@@ -90,7 +90,7 @@ class RunPlan:
     resume: bool
 
 
-def _plan_resume(model, dataset, budget, max_epochs, out, dtype, checkpoint_every, swa_on_budget, devices):
+def _plan_resume(model, dataset, budget, max_epochs, out, dtype, checkpoint_every, swa_on_budget, devices, data_dir):
     """The run in `out` as it was started, with the bounds that may be raised now."""
     from .. import data
 
@@ -101,7 +101,7 @@ def _plan_resume(model, dataset, budget, max_epochs, out, dtype, checkpoint_ever
     stored = info["config"]
     if model is not None and read_model(model)["name"] != card["name"]:
         raise ConfigError(f"run {out} trains '{card['name']}', not '{read_model(model)['name']}'")
-    if dataset is not None and data.get(dataset).name != ds["name"]:
+    if dataset is not None and data.get(dataset, data_dir).name != ds["name"]:
         raise ConfigError(f"run {out} trains on '{ds['name']}', not '{dataset}'")
     if devices is None and stored.get("devices"):  # same data-parallel split as before, where possible
         devices = min(int(stored["devices"]), len(jax.local_devices()))
@@ -116,7 +116,7 @@ def _plan_resume(model, dataset, budget, max_epochs, out, dtype, checkpoint_ever
 
 
 def _plan_new(model, dataset, budget, max_epochs, seed, out, dtype, n_train, n_val, train_split, val_split, training,
-              statistics, checkpoint_every, swa_on_budget, devices):
+              statistics, checkpoint_every, swa_on_budget, devices, data_dir):
     from .. import data
     from ..potential import deep_update
 
@@ -127,7 +127,7 @@ def _plan_new(model, dataset, budget, max_epochs, seed, out, dtype, n_train, n_v
         card["training"] = deep_update(card.get("training", {}), training)
     card.pop("_path", None)
     cfg = TrainingConfig.from_card(card)
-    spec = data.get(dataset)
+    spec = data.get(dataset, data_dir)
     for sp in (train_split, val_split):
         if sp not in spec.splits:
             from ..errors import UnknownNameError
@@ -143,13 +143,15 @@ def _plan_new(model, dataset, budget, max_epochs, seed, out, dtype, n_train, n_v
 
 
 def plan_run(model, dataset, budget, max_epochs, seed, out, resume, dtype, *, n_train, n_val, train_split, val_split,
-             training, statistics, checkpoint_every, swa_on_budget, devices) -> RunPlan:
-    """Resolve and check everything that can fail before compute: a new run, or the one in `out` (resume)."""
+             training, statistics, checkpoint_every, swa_on_budget, devices, data_dir=None) -> RunPlan:
+    """Resolve and check everything that can fail before compute: a new run, or the one in `out` (resume).
+    `data_dir`: where the dataset's cards and files are (generated datasets' cards live there)."""
     if resume:
-        plan = _plan_resume(model, dataset, budget, max_epochs, out, dtype, checkpoint_every, swa_on_budget, devices)
+        plan = _plan_resume(model, dataset, budget, max_epochs, out, dtype, checkpoint_every, swa_on_budget, devices,
+                            data_dir)
     else:
         plan = _plan_new(model, dataset, budget, max_epochs, seed, out, dtype, n_train, n_val, train_split, val_split,
-                         training, statistics, checkpoint_every, swa_on_budget, devices)
+                         training, statistics, checkpoint_every, swa_on_budget, devices, data_dir)
     cfg = plan.cfg
     plan.dtype = resolve_dtype(plan.dtype)
     if plan.budget_s is None:
