@@ -18,6 +18,8 @@ the columns compare the protocol and the metrics, not the same frames.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .tables import fmt, mean_std, published
@@ -38,7 +40,26 @@ def _paper_row(table: str, dataset_label: str, architecture: str | None) -> dict
     return None
 
 
-def _family(dataset: str) -> str:
+# a generated water-64 dataset of any length goes to the table of its training size (water-1k: 1000 frames)
+WATER_BY_TRAINING_SIZE = {1000: "water-1k", 10000: "water-10k", 90000: "water-90k"}
+
+
+def _training_frames(r: dict) -> int | None:
+    """Training frames of a bench result: its training section, else the run directory's dataset.json
+    (results written before bench recorded it)."""
+    tr = r.get("training") or {}
+    if tr.get("n_train") is not None:
+        return int(tr["n_train"])
+    path = Path(tr["run_dir"]) / "dataset.json" if tr.get("run_dir") else None
+    if path is not None and path.is_file():
+        n = json.loads(path.read_text()).get("n_train")
+        return int(n) if n is not None else None
+    return None
+
+
+def _family(dataset: str, n_train: int | None = None) -> str:
+    if dataset.startswith("water-64-n") and n_train in WATER_BY_TRAINING_SIZE:
+        return WATER_BY_TRAINING_SIZE[n_train]
     for name in WATER_TABLES:
         if dataset == name or dataset.startswith(name + "-n"):
             return name
@@ -100,9 +121,11 @@ def fane_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
     alanine, lips, water = [], [], {t: [] for t in WATER_TABLES.values()}
     archs: dict[str, set] = {}
     for r in results:
-        fam, arch = _family(r["dataset"]), r.get("architecture")
+        fam, arch = _family(r["dataset"], _training_frames(r)), r.get("architecture")
         force = fmt((r.get("accuracy") or {}).get("forces_mae_meV_A"))
         label = r.get("model") or "?"
+        if fam != r["dataset"] and r["dataset"].startswith("water-64-n"):
+            label += f" ({r['dataset']}, {_training_frames(r)} train)"
         table_of = {"alanine-dipeptide": "table5", "lips": "table6"}.get(fam, WATER_TABLES.get(fam))
         if table_of:
             archs.setdefault(table_of, set()).add(arch)

@@ -86,7 +86,10 @@ def train_stage(model, dataset: str, run_dir: Path, *, reuse: bool, train_kw: di
     summary["epochs"] = len(epochs)
     summary["time_per_epoch_min"] = float(np.median(times)) / 60.0 if times else None
     summary["wall_s"] = time.perf_counter() - t0
-    card = runs.read_run(run_dir)["card"]
+    info = runs.read_run(run_dir)
+    card = info["card"]
+    ds = info.get("dataset") or {}
+    summary["n_train"], summary["n_val"] = ds.get("n_train"), ds.get("n_val")  # FaNE's tables are by training size
     return Training(summary, run_dir, card["name"], card.get("architecture"))
 
 

@@ -78,6 +78,8 @@ def test_bench_metrics_match_an_independent_recomputation(quickstart_run):
     from ase.geometry.rdf import get_rdf
 
     out, r = quickstart_run
+    ds = json.loads((Path(r["training"]["run_dir"]) / "dataset.json").read_text())
+    assert r["training"]["n_train"] == ds["n_train"] > 0  # FaNE's report files water runs by training size
     traj = out / "bench" / "trajectory.h5"
     ref = out / "bench" / "reference.h5"
 

@@ -314,3 +314,24 @@ def test_fane_report_tables_put_the_paper_beside_ours(tmp_path):
     assert "regenerated with OpenMM" in (tmp_path / "rep" / "report.md").read_text()
     with pytest.raises(Exception, match="unknown paper"):
         report([tmp_path / "w"], paper="fu2024")
+
+
+def test_generated_water_goes_to_the_table_of_its_training_size(tmp_path):
+    """A bench on a generated water-64-n<N> dataset lands in FaNE's table for its training size (1000 frames:
+    Table 8, water-1k), labelled with the dataset; older results find the size in the run's dataset.json."""
+    from jaxbench.report import report
+
+    run = tmp_path / "b10k" / "train"
+    run.mkdir(parents=True)
+    (run / "dataset.json").write_text(json.dumps({"name": "water-64-n20000-s0", "n_train": 10000}))
+    rows = {"b1k": {"dataset": "water-64-n3000-s0", "model": "m", "training": {"n_train": 1000}},
+            "b10k": {"dataset": "water-64-n20000-s0", "model": "m", "training": {"run_dir": str(run)}},
+            "b7": {"dataset": "water-64-n3000-s0", "model": "m", "training": {"n_train": 700}}}
+    for name, r in rows.items():
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    rep = report([tmp_path / n for n in rows], paper="fu2023")
+    assert rep["tables"]["table8"]["rows"][0][0] == "m (water-64-n3000-s0, 1000 train)"
+    assert rep["tables"]["table4"]["rows"][0][0] == "m (water-64-n20000-s0, 10000 train)"
+    ours = [row[0] for t in rep["tables"].values() for row in t["rows"] if not row[0].startswith("FaNE:")]
+    assert len(ours) == 2  # 700 training frames is none of FaNE's sizes
