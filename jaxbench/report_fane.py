@@ -77,7 +77,7 @@ def _paper(row: dict | None, key: str) -> str:
     return fmt(row[key]) + (f" ({fmt(std)})" if std is not None else "")
 
 
-def _published_rows(table: str, present: set[str | None], columns: list[str], lead: int = 1) -> list[list[str]]:
+def _published_rows(table: str, present: set[str | None], columns: list[str]) -> list[list[str]]:
     """FaNE's rows of `table` for the models not in `present`: the paper cells filled, ours blank.
     `columns` names the paper key of each cell after the label (None: one of ours)."""
     rows = (published().get("fu2023", {}).get(table) or {}).get("rows") or []
