@@ -105,15 +105,21 @@ def bench(
     if run is not None:
         runs.read_run(run_dir)  # names a missing / broken run now
     out.mkdir(parents=True, exist_ok=True)
+    with runs.locked(out, "benchmark directory"):
+        return _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle, reference_split,
+                           {**dict(budget=train_budget, max_epochs=max_epochs, seed=seed, dtype=dtype, n_train=n_train,
+                                   n_val=n_val, progress=progress, data_dir=data_dir), **(train_kw or {})},
+                           n_test=n_test, plots=plots, seed=seed, progress=progress, data_dir=data_dir)
+
+
+def _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle, reference_split, kw, *, n_test, plots,
+                seed, progress, data_dir) -> dict[str, Any]:
     oracle_name = getattr(oracle, "name", None) if oracle is not None else None
     res = _Results(out / "results.json", {
         "jaxbench_bench": 1, "dataset": dataset, "periodic": spec.periodic, "started": time.time(),
         "protocol": proto.to_dict(), "settings": dataclasses.asdict(settings), "oracle": oracle_name,
     })
 
-    kw = dict(budget=train_budget, max_epochs=max_epochs, seed=seed, dtype=dtype, n_train=n_train, n_val=n_val,
-              progress=progress, data_dir=data_dir)
-    kw.update(train_kw or {})
     reuse = run is not None or (out / "results.json").exists() and stages.training_finished(run_dir)
     training = stages.train_stage(model, dataset, run_dir, reuse=reuse, train_kw=kw)
     res["training"] = training.section
@@ -136,7 +142,7 @@ def bench(
     free_energy = None
     if proto.metadynamics is not None:
         free_energy = stages.score_free_energy(sim.start, sim.trajectory, sim.section["failed"], spec, proto, seed=seed,
-                                               out=out)
+                                               out=out, first_unstable_frame=sim.first_unstable_frame)
         res["free_energy"] = free_energy.section
     res["finished"] = time.time()
 

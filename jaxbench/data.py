@@ -254,6 +254,14 @@ def _resolve_generated(spec: DatasetSpec, data_dir) -> DatasetSpec:
     gen = generated_specs(data_dir).get(ds)
     if gen is None:
         return spec
+    # A packaged card may pin generator parameters its metadata depends on (e.g. the frame spacing that its
+    # `simulation:` block states): frames generated otherwise are not the card's data.
+    made = (gen.generated or {}).get("parameters", {})
+    for k, want in (spec.generated.get("parameters") or {}).items():
+        if made.get(k) != want:
+            raise DataError(f"generated dataset '{ds}' was made with {k}={made.get(k)!r}, this card describes {k}={want!r}: "
+                            + generate_hint(spec, Path(gen.card_path).parent.parent),
+                            file=spec.card_path, key=f"generated_from.parameters.{k}")
     src = gen.sources["all"]
     sources = {}
     for sid, s in spec.sources.items():
@@ -281,8 +289,9 @@ def get(name: str, data_dir: str | os.PathLike | None = None) -> DatasetSpec:
 
 def generate_hint(spec: DatasetSpec, root: Path) -> str:
     g = spec.generated or {}
-    return (f"generate it: `jaxbench data generate {g.get('generator')} --frames {g.get('frames')} --seed {g.get('seed', 0)} "
-            f"--data-dir {root}`")
+    params = "".join(f" --param {k}={v}" for k, v in (g.get("parameters") or {}).items())
+    return (f"generate it: `jaxbench data generate {g.get('generator')} --frames {g.get('frames')} --seed {g.get('seed', 0)}"
+            f"{params} --data-dir {root}`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,8 +97,11 @@ def frames_near(phi, psi, minima) -> list[int]:
 
 
 def ramachandran_plot(path, grid_rad, ref_fes_2d, model_fes_2d, kT: float, model_name: str = "model",
-                      ref_name: str = "reference", f_max_kJ_mol: float = 40.0):
-    """Reference and model F(phi, psi) (kJ/mol) side by side, with both marginals below."""
+                      ref_name: str = "reference", f_max_kJ_mol: float = 40.0, model_cv_rad=None, note: str = ""):
+    """Reference and model F(phi, psi) (kJ/mol) side by side, with both marginals below.
+
+    ``model_fes_2d`` None (no model run finished): the model panel shows the (phi, psi) the model visited
+    before failing (``model_cv_rad`` [M, 2]) over the reference's contours, and ``note`` says why."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,12 +109,25 @@ def ramachandran_plot(path, grid_rad, ref_fes_2d, model_fes_2d, kT: float, model
 
     deg = np.degrees(np.asarray(grid_rad))
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
-    for ax, f, title in ((axes[0], ref_fes_2d, ref_name), (axes[1], model_fes_2d, model_name)):
+    panels = [(axes[0], ref_fes_2d, ref_name)] + ([(axes[1], model_fes_2d, model_name)] if model_fes_2d is not None else [])
+    for ax, f, title in panels:
         im = ax.contourf(deg, deg, np.minimum(np.asarray(f) / KJ_PER_MOL_IN_EV, f_max_kJ_mol), levels=20, cmap="viridis")
         ax.set(title=title, xlabel="phi (deg)", ylabel="psi (deg)", aspect="equal")
+    if model_fes_2d is None:
+        ax = axes[1]
+        ax.contour(deg, deg, np.minimum(np.asarray(ref_fes_2d) / KJ_PER_MOL_IN_EV, f_max_kJ_mol), levels=10,
+                   colors="0.7", linewidths=0.6)
+        if model_cv_rad is not None and len(model_cv_rad):
+            cv = np.degrees(np.asarray(model_cv_rad))
+            ax.plot(cv[:, 0], cv[:, 1], "C3o", ms=4, label="frames before failure")
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set(title=f"{model_name}: {note or 'no run finished'}", xlabel="phi (deg)", ylabel="psi (deg)",
+               aspect="equal", xlim=(deg[0], deg[-1]), ylim=(deg[0], deg[-1]))
+        ax.title.set_fontsize(8)
     fig.colorbar(im, ax=axes[:2], label="F (kJ/mol)")
     for ax, k, label in ((axes[2], 0, "phi"), (axes[3], 1, "psi")):
-        for f, name, style in ((ref_fes_2d, ref_name, "k-"), (model_fes_2d, model_name, "C1--")):
+        curves = [(ref_fes_2d, ref_name, "k-")] + ([(model_fes_2d, model_name, "C1--")] if model_fes_2d is not None else [])
+        for f, name, style in curves:
             ax.plot(deg, marginals(f, kT)[k] / KJ_PER_MOL_IN_EV, style, label=name)
         ax.set(xlabel=f"{label} (deg)", ylabel=f"F({label}) (kJ/mol)")
         ax.legend()

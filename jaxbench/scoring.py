@@ -173,6 +173,42 @@ def rdf_failure_hook(start, ref_pos, ref_cells, proto, settings):
     return hook, window
 
 
+def rdf_window_deviation(pos, cell, pbc, species, ref_positions, ref_cells, first_frames, failed, window: int,
+                         settings) -> dict[str, Any]:
+    """Which element pair broke FaNE eq. 8: for each replica, the RDF MAE of each pair's g(r) averaged over
+    one window against the reference's (the window the engine stopped the replica at, ``[first, first +
+    window)``, for a replica the criterion ``failed``; its last full window otherwise), as the engine's
+    hook computes it. ``{"window_deviation_per_pair": {"O-O": [R], ...}, "pairs_over_threshold": [R][...]}``."""
+    from ase.data import chemical_symbols
+
+    from . import metrics as M
+
+    r_max = settings.rdf_r_max or RDF_R_MAX
+    sel = settings.rdf_stability_pairs
+    pairs = M.species_pairs(species) if sel == "all" else [tuple(int(z) for z in p) for p in sel]
+    names = [f"{chemical_symbols[a]}-{chemical_symbols[b]}" for a, b in pairs]
+    _, g_ref = M.rdf_frames(ref_positions, ref_cells, pbc, species, r_max, settings.dr, pairs=pairs)
+    g_ref = np.asarray(g_ref).mean(0)
+    per = {n: [] for n in names}
+    over = []
+    n_saved = pos.shape[1]
+    for rep in range(pos.shape[0]):
+        lo = int(first_frames[rep]) if failed[rep] else max(0, n_saved - window)
+        frames = np.asarray(pos[rep, lo: lo + window])
+        frames = frames[np.all(np.isfinite(frames), axis=(1, 2))]
+        if not len(frames):
+            for n in names:
+                per[n].append(None)
+            over.append([])
+            continue
+        g = np.asarray(M.rdf_frames(frames, cell, pbc, species, r_max, settings.dr, pairs=pairs)[1]).mean(0)
+        dev = [float(M.rdf_mae(g[k], g_ref[k], settings.dr)) for k in range(len(names))]
+        for n, d in zip(names, dev):
+            per[n].append(d)
+        over.append([n for n, d in zip(names, dev) if d > settings.rdf_stability_threshold])
+    return {"window_deviation_per_pair": per, "pairs_over_threshold": over}
+
+
 def energy_force_violations(e_model, f_model, e_ref, f_ref, n_valid, source: str) -> dict[str, Any]:
     """EV(t), FV(t) per replica over its first n_valid frames, geometric means, mean/std over replicas."""
     from . import metrics as M

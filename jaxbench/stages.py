@@ -40,6 +40,7 @@ from .scoring import (
     na,
     oracle_on_frames,
     rdf_failure_hook,
+    rdf_window_deviation,
     reference_observables,
     replica_stats,
     structure_vs_reference,
@@ -189,6 +190,7 @@ class Simulation:
     rdf_hook: Any | None  # FaNE eq. 8 inside the MD engine, when it could run
     rdf_window: int | str | None  # its window in frames, or why there is none (periodic systems only)
     rdf_failed: np.ndarray  # [R] bool: replicas the RDF criterion stopped
+    rdf_reference: tuple | None  # (positions, cells) the criterion's reference g(r) came from
     first_unstable_frame: np.ndarray  # [R] frame of the MD failure, frames_saved for a stable replica
     frames_of_dynamics: np.ndarray  # [R] frames that are real dynamics (EV / FV run over these)
     frames_saved: int
@@ -281,6 +283,7 @@ def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str 
                                                   if ref.name else "no reference frames and no oracle")
         else:
             hook, rdf_window = rdf_failure_hook(start, ref.positions, ref.cells, proto, settings)
+    rdf_reference = (ref.positions, ref.cells) if hook is not None else None
     sim = md.simulate(pot, start, proto, params=params, seed=seed, out=out / "trajectory.h5", overwrite=True,
                       progress=progress, failure_fn=hook)
     traj = trajectory.read(sim.path)
@@ -296,7 +299,7 @@ def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str 
                                fail_frames)
     return Simulation(
         section=_simulation_section(sim, proto, start, n_saved), start=start, periodic=periodic, trajectory=traj,
-        reference=ref, rdf_hook=hook, rdf_window=rdf_window, rdf_failed=rdf_failed,
+        reference=ref, rdf_hook=hook, rdf_window=rdf_window, rdf_failed=rdf_failed, rdf_reference=rdf_reference,
         first_unstable_frame=fail_frames, frames_of_dynamics=dynamics_frames, frames_saved=n_saved,
         frame_interval_fs=proto.timestep_fs * proto.save_every, simulated_time_fs=sim.steps_done * proto.timestep_fs,
     )
@@ -347,6 +350,12 @@ def score_stability(sim: Simulation, proto, settings: BenchSettings) -> Section:
                            "failed": [bool(x) for x in sim.rdf_failed],
                            "first_unstable_frame": [int(f) for f in fail_frames],
                            "stable_time_fs": [min(float(f) * dt_frame, sim.simulated_time_fs) for f in fail_frames]}
+            if settings.rdf_stability_pairs:
+                traj = sim.trajectory
+                stab["rdf"].update(rdf_window_deviation(
+                    np.asarray(traj["position"]), np.asarray(traj["cell"]), np.asarray(traj["pbc"]),
+                    np.asarray(traj["species"]), *sim.rdf_reference, fail_frames, sim.rdf_failed, sim.rdf_window,
+                    settings))
     stab["stable_time_fs"] = replica_stats([min(float(f) * dt_frame, sim.simulated_time_fs) for f in fail_frames])
     stab["simulated_time_fs"] = sim.simulated_time_fs
     return stab
@@ -388,12 +397,14 @@ class FreeEnergyScore:
     arrays: dict | None  # grid_rad, reference_fes_eV, model_fes_eV [R or None] (for the plot)
 
 
-def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int, out: Path) -> FreeEnergyScore:
+def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int, out: Path,
+                      first_unstable_frame=None) -> FreeEnergyScore:
     """FaNE Table 5: F(phi), F(psi) of each finished replica's metadynamics (from its hills) against the
     reference engine's metadynamics with the same bias from the same start (OpenMM ``app.Metadynamics``),
     MAE in kJ/mol; the reference surfaces are saved in out/reference_fes.npz. ``start``: the rollout's
     :class:`jaxbench.md.Start`, ``trajectory``: its frames and hills (:func:`jaxbench.trajectory.read`),
-    ``failed`` [R]: replicas that did not finish (they get no score)."""
+    ``failed`` [R]: replicas that did not finish (they get no score; the (phi, psi) they visited before
+    ``first_unstable_frame`` [R] go to the plot)."""
     from . import fane
     from .metadynamics import Hills
     from .md.bias import metadynamics_of
@@ -448,7 +459,28 @@ def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int
         "units": {"mae_kJ_mol": "kJ/mol, FaNE eq. 6-7 (integral of |F - F_ref| over [-pi, pi) / 2 pi)"},
         "bond_stability": f"bond length (Delta {0.5} Å) inside the MD engine, bonds at {proto.bond_factor} x covalent radii",
     }
-    return FreeEnergyScore(section, dict(grid_rad=grid, reference_fes_eV=ref_mean, model_fes_eV=model_fes))
+    return FreeEnergyScore(section, dict(grid_rad=grid, reference_fes_eV=ref_mean, model_fes_eV=model_fes,
+                                         model_cv_rad=_visited_cvs(trajectory, proto, failed, first_unstable_frame)))
+
+
+def _visited_cvs(trajectory: dict, proto, failed, first_unstable_frame) -> np.ndarray | None:
+    """(phi, psi) of the frames the failed replicas saved before their failure [M, 2] (for the plot)."""
+    import jax
+
+    from .metadynamics import dihedral_cv
+
+    pos = trajectory.get("position")
+    if pos is None or not np.any(failed):
+        return None
+    first_bad = first_unstable_frame
+    cv_fn = jax.vmap(dihedral_cv(*proto.metadynamics.dihedrals))
+    out = []
+    for r in np.flatnonzero(failed):
+        p = np.asarray(pos[r])
+        stop = int(first_bad[r]) if first_bad is not None and int(first_bad[r]) >= 0 else len(p)
+        if stop > 0:
+            out.append(np.asarray(cv_fn(p[:stop])))
+    return np.concatenate(out) if out else None
 
 
 def score_dynamics(sim: Simulation, spec, settings: BenchSettings) -> Section:
@@ -489,9 +521,12 @@ def plot_stage(out: Path, results: dict, sim: Simulation, structure: StructureSc
 
         a = free_energy.arrays
         done = [f for f in a["model_fes_eV"] if f is not None]
-        if done:
-            model = np.mean(done, axis=0)
-            paths["ramachandran"] = ramachandran_plot(out / "ramachandran.png", a["grid_rad"], a["reference_fes_eV"],
-                                                      model - model.min(), kT, model_name=results.get("model") or "model",
-                                                      ref_name="OpenMM metadynamics")
+        model = np.mean(done, axis=0) if done else None
+        fe = results.get("free_energy") or {}
+        note = "" if done else f"none of {fe.get('runs', len(a['model_fes_eV']))} runs finished"
+        paths["ramachandran"] = ramachandran_plot(out / "ramachandran.png", a["grid_rad"], a["reference_fes_eV"],
+                                                  None if model is None else model - model.min(), kT,
+                                                  model_name=results.get("model") or "model",
+                                                  ref_name="OpenMM metadynamics", model_cv_rad=a.get("model_cv_rad"),
+                                                  note=note)
     return paths

@@ -85,6 +85,17 @@ def test_ramachandran_plot_writes_a_figure(tmp_path):
     assert (tmp_path / "rama.png").stat().st_size > 10_000 and path.endswith("rama.png")
 
 
+def test_ramachandran_plot_without_a_finished_run_shows_the_visited_angles(tmp_path):
+    """No model surface (every run failed): the figure still exists, with the frames visited before failure
+    drawn in the model panel; drawing them changes the image."""
+    ref = _separable(0.1, 0.05)
+    cv = np.array([[-1.4, 1.2], [-1.3, 1.1], [-1.5, 1.3]])
+    a = fane.ramachandran_plot(tmp_path / "a.png", GRID, ref, None, KT_300, model_cv_rad=cv, note="none of 2 runs finished")
+    b = fane.ramachandran_plot(tmp_path / "b.png", GRID, ref, None, KT_300, note="none of 2 runs finished")
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes() and a != b
+
+
 def test_sampled_fes_finds_the_basins_of_the_samples():
     """Samples drawn around three (phi, psi) basins, one of them across the +-pi edge: the kernel FES has its
     minima there, and the deepest is the most populated basin."""

@@ -335,3 +335,56 @@ def test_generated_water_goes_to_the_table_of_its_training_size(tmp_path):
     assert rep["tables"]["table4"]["rows"][0][0] == "m (water-64-n20000-s0, 10000 train)"
     ours = [row[0] for t in rep["tables"].values() for row in t["rows"] if not row[0].startswith("FaNE:")]
     assert len(ours) == 2  # 700 training frames is none of FaNE's sizes
+
+
+def test_rdf_window_deviation_names_the_pair_that_broke():
+    """results.json's per-pair view of FaNE eq. 8: the H atoms pair up from frame 12; the window the engine
+    stopped the replica at is over the threshold in H-H but not in O-O (the O atoms only jiggle), and an
+    unbroken replica's last window is under the threshold everywhere; both equal the partials by hand."""
+    from jaxbench import metrics as M
+    from jaxbench.scoring import rdf_window_deviation
+
+    rng = np.random.default_rng(2)
+    L, window = 9.0, 4
+    cell, pbc = np.eye(3) * L, np.ones(3, bool)
+    species = np.array([8] * 8 + [1] * 16)
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
+    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    good = base + 0.05 * rng.standard_normal((20, 24, 3))
+    broken = good.copy()
+    broken[12:, 9::2] = broken[12:, 8::2] + np.array([0.75, 0.0, 0.0])
+    settings = BenchSettings(dr=0.1, rdf_r_max=4.0, rdf_stability_threshold=3.0, rdf_stability_pairs="all")
+    ref = good[:10]
+    out = rdf_window_deviation(np.stack([good, broken]), cell, pbc, species, ref, np.broadcast_to(cell, (10, 3, 3)),
+                               np.array([20, 12]), np.array([False, True]), window, settings)
+    dev = out["window_deviation_per_pair"]
+    assert set(dev) == {"O-O", "H-H", "H-O"}
+    assert out["pairs_over_threshold"][0] == [] and "H-H" in out["pairs_over_threshold"][1]
+    assert "O-O" not in out["pairs_over_threshold"][1]
+    # by hand: the H-H partial averaged over frames 12..15 against the reference's
+    g_hh = lambda x: np.asarray(M.rdf_frames(x, cell, pbc, species, 4.0, 0.1, pairs=[(1, 1)])[1]).mean(0)[0]  # noqa: E731
+    assert dev["H-H"][1] == pytest.approx(float(M.rdf_mae(g_hh(broken[12:16]), g_hh(ref), 0.1)), rel=1e-9)
+    assert dev["H-H"][0] == pytest.approx(float(M.rdf_mae(g_hh(good[16:20]), g_hh(ref), 0.1)), rel=1e-9)
+
+
+def test_visited_angles_of_failed_replicas_are_their_frames_before_failure():
+    """The Ramachandran plot of a run in which nothing finished shows (phi, psi) of the failed replicas'
+    frames before their failure: those frames only, dihedrals as NumPy computes them by hand."""
+    from jaxbench.stages import _visited_cvs
+
+    proto = md.load_protocol("fane-alanine-short", "alanine-dipeptide")
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(3, 5, 22, 3)) * 2.0
+
+    def dihedral(x, i, j, k, l):  # IUPAC sign (as OpenMM / PLUMED): atan2(((b1 x b2) x (b2 x b3)).b2/|b2|, ...)
+        b1, b2, b3 = x[j] - x[i], x[k] - x[j], x[l] - x[k]
+        n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+        return np.arctan2(np.dot(np.cross(n1, n2), b2 / np.linalg.norm(b2)), np.dot(n1, n2))
+
+    out = _visited_cvs({"position": pos}, proto, np.array([True, False, True]), np.array([2, 5, 0]))
+    assert out.shape == (2, 2)  # replica 0: frames 0, 1; replica 1 finished; replica 2 failed at frame 0
+    (a, b, c, d), (e, f, g, h) = proto.metadynamics.dihedrals
+    for row, t in zip(out, (0, 1)):
+        assert row[0] == pytest.approx(dihedral(pos[0, t], a, b, c, d), abs=1e-5)
+        assert row[1] == pytest.approx(dihedral(pos[0, t], e, f, g, h), abs=1e-5)
+    assert _visited_cvs({"position": pos}, proto, np.array([False, False, False]), np.array([5, 5, 5])) is None

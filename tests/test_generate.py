@@ -116,8 +116,43 @@ def test_water_forces_are_energy_gradient(water_dir):
         assert fd == pytest.approx(f0[0, atom, k], abs=1e-3 + 1e-3 * abs(fd)), (atom, k)
 
 
+def test_alanine_walkers_do_not_depend_on_processes(tmp_path):
+    """Independent chains concatenated in walker order: the same data whether the chains ran in one process
+    or in parallel ones, different chains from different seeds, the walker of each frame in the card."""
+    one = generate.generate("alanine-dipeptide", frames=4, seed=1, data_dir=tmp_path / "a", walkers=2, processes=1, **TINY_ALA)
+    two = generate.generate("alanine-dipeptide", frames=4, seed=1, data_dir=tmp_path / "b", walkers=2, processes=2, **TINY_ALA)
+    assert one["sha256"] == two["sha256"]
+    card = cards.read_card(one["card"])
+    assert card["groups"] == {"walker-0": [0, 1], "walker-1": [2, 3]}
+    assert card["generated"]["parameters"]["frames_per_walker"] == [2, 2]
+    first = data.load(one["dataset"], "train", data_dir=tmp_path / "a")  # frames 0:2, walker 0
+    last = data.load(one["dataset"], "test", data_dir=tmp_path / "a")  # frame 3, walker 1
+    assert np.asarray(last.energy)[0] not in set(np.asarray(first.energy).tolist())  # not a copy of walker 0
+    with pytest.raises(DataError, match="walkers"):
+        generate.generate("alanine-dipeptide", frames=2, seed=0, data_dir=tmp_path / "c", walkers=3, **TINY_ALA)
+
+
+def test_test_split_spanning_two_runs_is_not_a_trajectory(tmp_path, monkeypatch):
+    from jaxbench.generate import base
+
+    def fake(frames, seed, log=None, split_at=None):
+        rng = np.random.default_rng(seed)
+        return base.Generated(
+            positions=[rng.normal(size=(2, 3)) * 3 for _ in range(frames)], numbers=[np.array([1, 1])] * frames,
+            cells=[np.zeros((3, 3))] * frames, pbc=[np.zeros(3, bool)] * frames, energy=rng.normal(size=frames),
+            forces=[rng.normal(size=(2, 3)) for _ in range(frames)], stress=None, force_field="none", engine="test",
+            params={}, simulation={}, kind="molecule", notes="", frame_interval_fs=10.0,
+            groups=[f"run-{int(i >= split_at)}" for i in range(frames)])
+
+    monkeypatch.setitem(base.GENERATORS, "fake-runs", base.Generator("fake-runs", fake, 20, "fake"))
+    inside = generate.generate("fake-runs", frames=20, seed=0, data_dir=tmp_path, split_at=10)  # test 18:20 in run-1
+    across = generate.generate("fake-runs", frames=20, seed=1, data_dir=tmp_path, split_at=19)  # test 18:20 spans both
+    assert cards.read_card(inside["card"])["trajectory"] == {"split": "test", "frame_interval_fs": 10.0}
+    assert "trajectory" not in cards.read_card(across["card"])
+
+
 def test_alanine_generate_and_finite_differences(tmp_path):
-    out = generate.generate("alanine-dipeptide", frames=3, seed=0, data_dir=tmp_path, **TINY_ALA)
+    out = generate.generate("alanine-dipeptide", frames=3, seed=0, data_dir=tmp_path, walkers=1, **TINY_ALA)
     fr = data.load(out["dataset"], "test", data_dir=tmp_path)
     assert len(fr) == 1 and fr.positions.shape == (22, 3) and not np.asarray(fr.pbc).any()
     orc = generate.openmm_oracle("alanine-dipeptide")
@@ -180,6 +215,13 @@ def test_packaged_card_over_generated_frames(water_dir, tmp_path, monkeypatch):
         with pytest.raises(DataError, match="jaxbench data generate water-64 --frames 4 --seed 3"):
             data.load("water-tiny", "test", data_dir=tmp_path / "empty")
         assert [s.state for s in data.check_files("water-tiny", tmp_path / "empty")] == ["missing"]
+        # a card that pins a generator parameter refuses frames made with another value, naming both
+        (tmp_path / "data" / "water-tiny.yaml").write_text(
+            (tmp_path / "data" / "water-tiny.yaml").read_text().replace(
+                "seed: 3}", "seed: 3, parameters: {frame_every_steps: 10}}"))
+        data.clear_caches()
+        with pytest.raises(DataError, match=r"frame_every_steps=5.*frame_every_steps=10.*--param frame_every_steps=10"):
+            data.load("water-tiny", "test", data_dir=d)
     finally:
         monkeypatch.delenv(cards.ENV_CARDS)
         data.clear_caches()

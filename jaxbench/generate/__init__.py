@@ -212,7 +212,11 @@ def generate(
     }
     if g.kind == "molecule":
         card["sources"]["all"]["pbc"] = False
-    if g.frame_interval_fs and n >= 3:
+    # The test split is a trajectory only when it lies inside one time-ordered run (group): frames of
+    # independent chains concatenated are not one time series.
+    test_start = int(card["splits"]["test"][0].get("frames", "0:").split(":")[0] or 0)
+    one_run = g.groups is None or len(set(g.groups[test_start:])) == 1
+    if g.frame_interval_fs and n >= 3 and one_run:
         card["trajectory"] = {"split": "test", "frame_interval_fs": float(g.frame_interval_fs)}
     if g.groups is not None:
         uniq = sorted(set(g.groups))

@@ -254,26 +254,74 @@ def alanine_system():
     return pdb.topology, system, pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
 
-@register("alanine-dipeptide", default_frames=1000, title="Alanine dipeptide (ACE-ALA-NME), amber14 + GBn2")
-def alanine_dipeptide(frames: int, seed: int, log=None, temperature_K: float = 300.0, timestep_fs: float = 1.0,
-                      frame_every_ps: float = 2.0, equil_ps: float = 50.0, friction_per_ps: float = 1.0,
-                      threads: int = 1) -> Generated:
+def _alanine_chain(frames: int, integrator_seed: int, velocity_seed: int, temperature_K: float, timestep_fs: float,
+                   frame_every_ps: float, equil_ps: float, friction_per_ps: float, threads: int, log=None, what=""):
+    """One independent Langevin chain (minimize, equilibrate, sample): (positions, energy, forces) arrays."""
     openmm, app, unit = openmm_modules()
-    rng = np.random.default_rng(seed)
     top, system, x0 = alanine_system()
     integ = openmm.LangevinMiddleIntegrator(temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtosecond)
-    integ.setRandomNumberSeed(int(rng.integers(1, 2**31 - 1)))
+    integ.setRandomNumberSeed(int(integrator_seed))
     plat, props = _platform(openmm, threads)
     sim = app.Simulation(top, system, integ, plat, props)
     sim.context.setPositions(x0)
     sim.minimizeEnergy(maxIterations=1000)
-    sim.context.setVelocitiesToTemperature(temperature_K * unit.kelvin, int(rng.integers(1, 2**31 - 1)))
+    sim.context.setVelocitiesToTemperature(temperature_K * unit.kelvin, int(velocity_seed))
     sim.step(int(round(equil_ps * 1000 / timestep_fs)))
     every = int(round(frame_every_ps * 1000 / timestep_fs))
-    P, E, F = _run_frames(sim, frames, every, log, "alanine-dipeptide")
+    P, E, F = _run_frames(sim, frames, every, log, what or "alanine-dipeptide")
+    return np.asarray(P), np.asarray(E), np.asarray(F)
+
+
+def _walker_frames(frames: int, walkers: int) -> list[int]:
+    return [frames // walkers + (1 if i < frames % walkers else 0) for i in range(walkers)]
+
+
+@register("alanine-dipeptide", default_frames=1000, title="Alanine dipeptide (ACE-ALA-NME), amber14 + GBn2")
+def alanine_dipeptide(frames: int, seed: int, log=None, temperature_K: float = 300.0, timestep_fs: float = 1.0,
+                      frame_every_ps: float = 0.5, equil_ps: float = 50.0, friction_per_ps: float = 1.0,
+                      threads: int = 1, walkers: int = 2, processes: int | None = None) -> Generated:
+    """`walkers` independent chains (own seeds and equilibration), their frames concatenated in walker order, so a
+    contiguous split takes whole stretches of one chain. OpenMM's CPU platform spends ~1 ms a step on 22 atoms
+    whatever the thread count, so chains in parallel processes (`processes`, default min(walkers, cores)) are
+    what makes a 2000-frame set take minutes; the data depend on `walkers` and the seed, never on `processes`."""
+    import os
+
+    openmm, app, unit = openmm_modules()
+    walkers = int(walkers)
+    if walkers < 1 or walkers > max(1, frames):
+        raise DataError(f"alanine-dipeptide: walkers={walkers} must be between 1 and the number of frames ({frames})",
+                        key="walkers")
+    rng = np.random.default_rng(seed)
+    seeds = [(int(rng.integers(1, 2**31 - 1)), int(rng.integers(1, 2**31 - 1))) for _ in range(walkers)]
+    counts = _walker_frames(frames, walkers)
+    kw = dict(temperature_K=temperature_K, timestep_fs=timestep_fs, frame_every_ps=frame_every_ps, equil_ps=equil_ps,
+              friction_per_ps=friction_per_ps, threads=threads)
+    nproc = max(1, min(walkers, int(processes) if processes else (os.cpu_count() or 1)))
+    chains: list = [None] * walkers
+    if nproc == 1:
+        for i in range(walkers):
+            chains[i] = _alanine_chain(counts[i], *seeds[i], log=log, what=f"alanine-dipeptide walker {i + 1}/{walkers}", **kw)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # Walker 0 runs here (its progress is logged); the others in spawned processes (fork is unsafe once JAX
+        # or OpenMM threads exist in this process).
+        with cf.ProcessPoolExecutor(max_workers=nproc - 1, mp_context=mp.get_context("spawn")) as pool:
+            futs = {i: pool.submit(_alanine_chain, counts[i], *seeds[i], **kw) for i in range(1, walkers)}
+            chains[0] = _alanine_chain(counts[0], *seeds[0], log=log, what=f"alanine-dipeptide walker 1/{walkers}", **kw)
+            for i, f in futs.items():
+                chains[i] = f.result()
+                if log:
+                    log(f"alanine-dipeptide: walker {i + 1}/{walkers} done")
+    P = [x for c in chains for x in c[0]]
+    E = np.concatenate([c[1] for c in chains])
+    F = [f for c in chains for f in c[2]]
+    top, _, _ = alanine_system()
     numbers = np.array([a.element.atomic_number for a in top.atoms()])
     params = dict(temperature_K=temperature_K, timestep_fs=timestep_fs, frame_every_ps=frame_every_ps, equil_ps=equil_ps,
-                  friction_per_ps=friction_per_ps, threads=threads, force_field_files=list(ALANINE_FF), constraints=None,
+                  friction_per_ps=friction_per_ps, threads=threads, walkers=walkers, frames_per_walker=counts,
+                  force_field_files=list(ALANINE_FF), constraints=None,
                   nonbonded="NoCutoff", openmm_version=openmm.__version__, platform="CPU", minimize_max_iterations=1000,
                   atom_names=[f"{a.residue.name}:{a.name}" for a in top.atoms()])
     ns = frames * frame_every_ps / 1000
@@ -284,10 +332,13 @@ def alanine_dipeptide(frames: int, seed: int, log=None, temperature_K: float = 3
         simulation={"temperature_K": [temperature_K], "timestep_fs": [timestep_fs], "ensemble": "NVT (Langevin middle)",
                     "frame_interval_fs": frame_every_ps * 1000},
         kind="molecule", frame_interval_fs=frame_every_ps * 1000,
+        groups=[f"walker-{i}" for i, c in enumerate(counts) for _ in range(c)],
         notes=(f"ACE-ALA-NME (22 atoms, PDB text built into jaxbench, minimized), amber14 + GBn2 from OpenMM's own files, no "
                f"cutoff. No constraints (all bonds, including X-H, are flexible, as a model that sees every atom needs) hence a "
-               f"{timestep_fs} fs Langevin step instead of FaNE's 2 fs with H-bond constraints. {equil_ps} ps equilibration, "
-               f"then one frame every {frame_every_ps} ps: {frames} frames = {ns:g} ns (FaNE: 50,000 frames from 100 ns). FaNE "
+               f"{timestep_fs} fs Langevin step instead of FaNE's 2 fs with H-bond constraints. {walkers} independent "
+               f"chain(s) (frames {counts} in that order), each minimized, {equil_ps} ps of equilibration, "
+               f"then one frame every {frame_every_ps} ps: {frames} frames = {ns:g} ns in all (FaNE: one frame every 2 ps, "
+               f"50,000 frames from 100 ns; --param frame_every_ps=2 gives FaNE's spacing at 4x the cost). FaNE "
                f"simulated explicit water and learned an implicit solvent from the solute's frames; here the solvent is implicit "
                f"(GBn2) in the reference itself, the honest CPU-sized variant: energies/forces are the solute's in GBn2."),
     )

@@ -281,14 +281,26 @@ def simulate(
         :func:`jaxbench.use_cpu_devices` before JAX starts to get one device per core.
       callback: called after every chunk with a dict (chunk, steps_done, failed, path).
     """
+    import contextlib
+
+    from .. import runs
+
+    require_x64()
+    check_compiled()  # before this run compiles: a long session's cached programs stay under the kernel's limit
+    protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn)
+    # a second process writing the same trajectory gets a named error, not an interleaved file
+    with runs.locked(out, "trajectory", file=True) if out is not None else contextlib.nullcontext():
+        return _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress,
+                         callback, devices)
+
+
+def _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress, callback,
+              devices) -> MDResult:
     import jax
     import jax.numpy as jnp
 
     from ..devices import count as device_count
 
-    require_x64()
-    check_compiled()  # before this run compiles: a long session's cached programs stay under the kernel's limit
-    protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn)
     keep_arrays = out is None if keep_arrays is None else keep_arrays
     devices = device_count(devices, start.n_replicas, JaxbenchError)
     t0 = time.perf_counter()

@@ -340,9 +340,10 @@ def train(
                     train_split=train_split, val_split=val_split, training=training, statistics=statistics,
                     checkpoint_every=checkpoint_every, swa_on_budget=swa_on_budget, devices=devices,
                     data_dir=data_dir)
-    prep = prepare(plan, data_dir)
-    write_run_files(plan, prep, checkpoint_every_s)
-    loop = Loop(plan, prep, checkpoint_every_s=checkpoint_every_s, pause_after_checkpoint=pause_after_checkpoint,
-                progress=progress)
-    loop.start_or_resume()
-    return loop.run()
+    with runs.locked(plan.out, "training run"):
+        prep = prepare(plan, data_dir)
+        write_run_files(plan, prep, checkpoint_every_s)
+        loop = Loop(plan, prep, checkpoint_every_s=checkpoint_every_s, pause_after_checkpoint=pause_after_checkpoint,
+                    progress=progress)
+        loop.start_or_resume()
+        return loop.run()
