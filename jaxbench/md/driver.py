@@ -291,11 +291,11 @@ def simulate(
     # a second process writing the same trajectory gets a named error, not an interleaved file
     with runs.locked(out, "trajectory", file=True) if out is not None else contextlib.nullcontext():
         return _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress,
-                         callback, devices)
+                         callback, devices, metadata)
 
 
 def _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress, callback,
-              devices) -> MDResult:
+              devices, metadata) -> MDResult:
     import jax
     import jax.numpy as jnp
 
