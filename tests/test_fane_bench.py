@@ -174,6 +174,13 @@ def test_free_energy_score_of_a_finished_metadynamics_run(tmp_path, monkeypatch)
     print(s["mae_kJ_mol"])
 
 
+def _water_like_box(rng, L: float):
+    """8 O + 16 H on a jittered 3x3x3 grid of a cubic box of side L: (cell, pbc, species, positions [24, 3])."""
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
+    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    return np.eye(3) * L, np.ones(3, bool), np.array([8] * 8 + [1] * 16), base
+
+
 def test_water_rdf_criterion_fires_on_one_element_pair():
     """A hand-made jump: from frame 12 the H atoms pair up at 0.75 Å (H2), O-O and O-H stay as they were.
     The in-engine criterion with every element pair (FaNE's water, Delta 3.0) dates the failure where
@@ -186,10 +193,7 @@ def test_water_rdf_criterion_fires_on_one_element_pair():
 
     rng = np.random.default_rng(2)
     L, r_max, dr, window, delta = 9.0, 4.0, 0.1, 4, 3.0
-    cell, pbc = np.eye(3) * L, np.ones(3, bool)
-    species = np.array([8] * 8 + [1] * 16)
-    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
-    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    cell, pbc, species, base = _water_like_box(rng, L)
     frames = []
     for t in range(30):
         x = base + 0.05 * rng.standard_normal((24, 3))
@@ -251,10 +255,7 @@ def test_pair_rdf_mae_sees_only_the_pair_that_changed():
 
     rng = np.random.default_rng(3)
     L, r_max, dr = 9.0, 4.0, 0.1
-    cell, pbc = np.eye(3) * L, np.ones(3, bool)
-    species = np.array([8] * 8 + [1] * 16)
-    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
-    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    cell, pbc, species, base = _water_like_box(rng, L)
     ref = base + 0.05 * rng.standard_normal((20, 24, 3))
     moved = ref.copy()
     moved[:, 9::2] = moved[:, 8::2] + np.array([0.75, 0.0, 0.0])
@@ -346,10 +347,7 @@ def test_rdf_window_deviation_names_the_pair_that_broke():
 
     rng = np.random.default_rng(2)
     L, window = 9.0, 4
-    cell, pbc = np.eye(3) * L, np.ones(3, bool)
-    species = np.array([8] * 8 + [1] * 16)
-    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * L / 3
-    base = grid[rng.permutation(27)[:24]] + 0.3 * rng.standard_normal((24, 3))
+    cell, pbc, species, base = _water_like_box(rng, L)
     good = base + 0.05 * rng.standard_normal((20, 24, 3))
     broken = good.copy()
     broken[12:, 9::2] = broken[12:, 8::2] + np.array([0.75, 0.0, 0.0])

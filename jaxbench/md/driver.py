@@ -283,13 +283,13 @@ def simulate(
     """
     import contextlib
 
-    from .. import runs
+    from ..locks import locked
 
     require_x64()
     check_compiled()  # before this run compiles: a long session's cached programs stay under the kernel's limit
     protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn)
     # a second process writing the same trajectory gets a named error, not an interleaved file
-    with runs.locked(out, "trajectory", file=True) if out is not None else contextlib.nullcontext():
+    with locked(out, "trajectory", file=True) if out is not None else contextlib.nullcontext():
         return _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress,
                          callback, devices, metadata)
 
