@@ -201,8 +201,8 @@ def cmd_simulate(args) -> int:
     else:
         out_dir = Path(f"md_{protocol.name}_{spec.name}")
     traj = out_dir / "trajectory.h5"
-    if traj.exists() and not args.overwrite:
-        raise JaxbenchError(f"output {traj} exists; refusing to overwrite it (pass --overwrite)")
+    if traj.exists() and not args.overwrite and not args.resume:
+        raise JaxbenchError(f"output {traj} exists; refusing to overwrite it (pass --overwrite, or --resume to continue it)")
     model = load_energy_model(args.run)
     frames = data.load(spec.name, protocol.frame_split, data_dir=args.data_dir)
     start = md.start_from_frames(frames, protocol.replicas, protocol.replica_init)
@@ -214,7 +214,7 @@ def cmd_simulate(args) -> int:
         f"{protocol.steps} steps, {start.n_replicas} replicas of {start.n_atoms} atoms (frames {list(start.frame_indices)}) -> {traj}"
     )
     res = md.simulate(
-        model, start, protocol, seed=args.seed, out=traj, overwrite=args.overwrite, progress=not args.quiet,
+        model, start, protocol, seed=args.seed, out=traj, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
         batch=args.batch, devices=args.devices, metadata=dict(run=str(args.run), dataset=spec.name), failure_fn=hook,
     )
     summary = dict(
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     psim.add_argument("--rdf-threshold", type=float, default=1.0, help="RDF criterion Delta, integrated |g - g_ref| (default 1.0)")
     psim.add_argument("--out", help="output directory (trajectory.h5 + summary.json)")
     psim.add_argument("--overwrite", action="store_true", help="replace an existing trajectory")
+    psim.add_argument("--resume", action="store_true",
+                      help="continue the trajectory in --out from its last committed chunk (bit-identical to an "
+                           "uninterrupted run; same arguments as the first call)")
     psim.add_argument("--quiet", action="store_true", help="no progress bar")
     psim.set_defaults(func=cmd_simulate)
 
@@ -334,8 +337,13 @@ def main(argv=None) -> int:
         from . import use_cpu_devices
 
         use_cpu_devices()  # one XLA device per core: replicas / batch parts run one share per core
+    from .errors import Interrupted
+
     try:
         return int(args.func(args) or 0)
+    except Interrupted as e:
+        print(f"jaxbench: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except JaxbenchError as e:
         print(f"jaxbench: error: {e}", file=sys.stderr)
         return 2

@@ -56,3 +56,15 @@ class UnknownNameError(JaxbenchError, KeyError):
 
 class NeighborListError(JaxbenchError, ValueError):
     """A neighbor list cannot be built for this cell / cutoff, or has overflowed its capacity."""
+
+
+class Interrupted(JaxbenchError):
+    """A run stopped on SIGTERM / SIGINT after committing its work so far; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = int(signum)
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

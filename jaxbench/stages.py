@@ -205,7 +205,8 @@ def _reference(start, oracle, oracle_name, reference_split, dataset, proto, *, s
 
     n_atoms = start.n_atoms
     if oracle is not None and not is_ase_calculator(oracle):
-        ref = md.simulate(oracle, start, proto, seed=seed, out=out / "reference.h5", overwrite=True, progress=progress)
+        ref = md.simulate(oracle, start, proto, seed=seed, out=out / "reference.h5", overwrite=True, resume=True,
+                          progress=progress)
         ref_traj = trajectory.read(ref.path)
         ref_pos = np.asarray(ref_traj["position"]).reshape(-1, n_atoms, 3)
         ref_cells = np.broadcast_to(np.asarray(ref_traj["cell"]), (len(ref_pos), 3, 3))
@@ -284,7 +285,7 @@ def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str 
         else:
             hook, rdf_window = rdf_failure_hook(start, ref.positions, ref.cells, proto, settings)
     rdf_reference = (ref.positions, ref.cells) if hook is not None else None
-    sim = md.simulate(pot, start, proto, params=params, seed=seed, out=out / "trajectory.h5", overwrite=True,
+    sim = md.simulate(pot, start, proto, params=params, seed=seed, out=out / "trajectory.h5", overwrite=True, resume=True,
                       progress=progress, failure_fn=hook)
     traj = trajectory.read(sim.path)
     if oracle is not None and ref.trajectory is None and proto.metadynamics is None:

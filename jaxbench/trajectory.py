@@ -119,12 +119,51 @@ class TrajectoryWriter:
         self._meta = f.create_group("parameters").create_group("jaxbench")
         for k, v in (metadata or {}).items():
             self._meta.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else json.dumps(v)
+        self._meta.attrs["timestep_fs"] = self.dt
         self._meta.attrs["frames_committed"] = 0
         self._meta.attrs["steps_done"] = 0
         self._meta.attrs["complete"] = False
         self.set_status(np.zeros(self.n_replicas, bool), np.full(self.n_replicas, -1), np.zeros(self.n_replicas, np.int32))
         self.n_frames = 0
         f.flush()
+
+    @classmethod
+    def reopen(cls, path, frames: int) -> "TrajectoryWriter":
+        """Open an existing file to append to it after its first ``frames`` frames (a resumed run):
+        rows past them (a chunk written after the saved engine state, or a partly written one) are cut."""
+        import h5py
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        try:
+            f = h5py.File(self.path, "r+")
+        except OSError as e:
+            raise JaxbenchError(f"trajectory file {self.path} cannot be opened to resume it: {e}") from e
+        self._f = f
+        self._meta = f["parameters/jaxbench"]
+        committed = int(self._meta.attrs["frames_committed"])
+        if committed < frames:
+            f.close()
+            raise JaxbenchError(f"trajectory file {self.path} has {committed} committed frames, its resume state "
+                                f"belongs to {frames}: the file was changed or truncated; start again with --overwrite")
+        self._datasets = []
+        for top in ("particles", "observables"):
+            for rep in f[top].values():
+                for e in rep.values():
+                    if isinstance(e, h5py.Group) and "value" in e and "step" in e:
+                        for ds in (e["value"], e["step"], e["time"]):
+                            ds.resize(frames, axis=0)
+                        self._datasets.append(e)
+        groups = sorted(f["particles"].keys())
+        self.n_replicas = len(groups)
+        self.n_atoms = int(f[f"particles/{groups[0]}/species"].shape[0])
+        self.dt = float(self._meta.attrs["timestep_fs"])
+        self.n_frames = frames
+        self._meta.attrs["frames_committed"] = frames
+        self._meta.attrs["steps_done"] = int(f[f"particles/{groups[0]}/position/step"][frames - 1]) if frames else 0
+        self._meta.attrs["complete"] = False
+        f.flush()
+        return self
 
     def _element(self, group, name, shape, unit, chunk_t, compression):
         e = group.create_group(name)

@@ -151,6 +151,12 @@ def test_model_against_itself_scores_zero(quickstart_run):
     d, dref = res["dynamics"]["diffusivity_cm2_s"]["Ar"], res["dynamics"]["reference_diffusivity_cm2_s"]["Ar"]
     if d["mean"] is not None:
         np.testing.assert_allclose(d["mean"], dref["mean"], rtol=1e-8)
+    # run again into the same directory: both finished rollouts are reused, not recomputed
+    again = bench(None, DATASET, out / "self", run=r["run_dir"], protocol=protocol(), replicas=1, steps=100,
+                  oracle=as_energy_model(pot, params), progress=False, plots=False)
+    t = again["simulation"]["timings_s"]
+    assert t["resumed_at_step"] == 100 and t["first_chunk_s"] == 0.0
+    assert again["violation"] == res["violation"] and again["structure"] == res["structure"]
 
 
 def test_rdf_stability_runs_inside_the_md_engine(quickstart_run):

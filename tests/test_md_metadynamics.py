@@ -113,6 +113,27 @@ def test_hills_and_cvs_are_in_the_trajectory_file(meta_run):
     assert t["info"]["protocol"]["metadynamics"]["pace_fs"] == 10.0
 
 
+def test_resumed_metadynamics_keeps_its_hills(meta_run, tmp_path):
+    """Killed after the first of two chunks (hills deposited in it) and resumed: frames, CVs, bias and
+    hills are bit-identical to the uninterrupted run."""
+    proto, res = meta_run
+    model = md.morse(D=D, alpha=ALPHA, r0=R0, cutoff=RC)
+    start = md.Start.make(CHAIN, NUMBERS, None, False, replicas=proto.replicas)
+
+    def crash(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        md.simulate(model, start, proto, seed=3, out=tmp_path / "t.h5", progress=False, callback=crash)
+    assert 0 < trajectory.read(tmp_path / "t.h5")["hills"]["count"][0] < res.hills["count"][0]
+    md.simulate(model, start, proto, seed=3, out=tmp_path / "t.h5", progress=False, resume=True)
+    a, b = trajectory.read(res.path), trajectory.read(tmp_path / "t.h5")
+    for k in ("position", "velocity", "cv", "bias_energy", "conserved_energy"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in ("centers", "heights", "count"):
+        np.testing.assert_array_equal(a["hills"][k], b["hills"][k])
+
+
 def test_full_hill_buffer_is_an_error_and_the_file_stays_readable(tmp_path):
     proto = protocol(steps=400, max_hills=5)
     with pytest.raises(metadynamics.HillBufferFull, match="hill buffer"):

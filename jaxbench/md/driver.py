@@ -8,6 +8,7 @@ memory unless arrays are requested, so a crash loses at most one chunk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -17,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..compiled import check as check_compiled
-from ..errors import JaxbenchError, NeighborListError
+from ..errors import Interrupted, JaxbenchError, NeighborListError
 from ..metadynamics import check_hills
 from .engine import Engine, chunk_fn, compiled_engine, neighbor_fns, require_x64
 from .failures import as_hook, describe_failure
@@ -94,14 +95,17 @@ class MDResult:
 class _Chunks:
     """The compiled chunk at the current neighbor-list capacity, re-allocated with more when it overflows."""
 
-    def __init__(self, protocol: Protocol, model: EnergyModel, start: Start, failure_fn, batch: str, devices: int):
+    def __init__(self, protocol: Protocol, model: EnergyModel, start: Start, failure_fn, batch: str, devices: int,
+                 alloc=None, n_realloc: int = 0):
         self.protocol, self.model, self.start, self.failure_fn, self.batch, self.devices = (
             protocol, model, start, failure_fn, batch, devices)
-        nl, self.nbrs, self.mult = allocate_batch(
-            start.cell, start.pbc, model.cutoff, protocol.skin, protocol.capacity_multiplier, start.positions
-        )
+        # (positions, multiplier) of the last allocation: a resumed run re-allocates from them, so its
+        # list has the same capacity and its chunk is the same compiled program
+        self.alloc = alloc or (np.asarray(start.positions), float(protocol.capacity_multiplier))
+        nl, self.nbrs, self.mult = allocate_batch(start.cell, start.pbc, model.cutoff, protocol.skin, self.alloc[1],
+                                                  self.alloc[0])
         self.eng, self.compiled = compiled_engine(protocol, model, start, nl, failure_fn, batch, devices)
-        self.n_realloc = 0
+        self.n_realloc = n_realloc
 
     def run(self, params, carry, bonds, n_save: int):
         """One chunk from ``carry``; an overflowing list is re-allocated and the chunk re-run from ``carry``."""
@@ -111,9 +115,9 @@ class _Chunks:
                 return new_carry, obs
             self.n_realloc += 1
             st, p = self.start, self.protocol
-            nl, nbrs_new, self.mult = allocate_batch(
-                st.cell, st.pbc, self.model.cutoff, p.skin, self.mult * 1.5, np.asarray(carry[0].position)
-            )
+            self.alloc = (np.asarray(carry[0].position), self.mult * 1.5)
+            nl, nbrs_new, self.mult = allocate_batch(st.cell, st.pbc, self.model.cutoff, p.skin, self.alloc[1],
+                                                     self.alloc[0])
             self.eng, self.compiled = compiled_engine(p, self.model, st, nl, self.failure_fn, self.batch, self.devices)
             carry = (carry[0], nbrs_new) + tuple(carry[2:])
 
@@ -121,9 +125,14 @@ class _Chunks:
 class _Recorder:
     """Where the frames go between chunks: the H5MD file (appended chunk by chunk), memory, a progress bar."""
 
-    def __init__(self, out, keep_arrays: bool, progress: bool, start: Start, protocol: Protocol, masses, metadata, overwrite):
+    def __init__(self, out, keep_arrays: bool, progress: bool, start: Start, protocol: Protocol, masses, metadata, overwrite,
+                 resume_frames: int | None = None, steps_done: int = 0):
         self.writer = None
-        if out is not None:
+        if out is not None and resume_frames is not None:
+            from ..trajectory import TrajectoryWriter
+
+            self.writer = TrajectoryWriter.reopen(out, resume_frames)
+        elif out is not None:
             from ..trajectory import TrajectoryWriter
 
             extra = {"bias_energy": ((), "eV"), "cv": ((len(protocol.metadynamics.dihedrals),), "rad")} \
@@ -136,8 +145,8 @@ class _Recorder:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=int(protocol.steps), desc=f"MD {protocol.ensemble} x{start.n_replicas}", unit="step",
-                            leave=False)
+            self.bar = tqdm(total=int(protocol.steps), initial=steps_done, desc=f"MD {protocol.ensemble} x{start.n_replicas}",
+                            unit="step", leave=False)
 
     def emit(self, steps, obs):
         obs = {k: np.asarray(v) for k, v in obs.items()}
@@ -179,15 +188,19 @@ class _Recorder:
         return arrays
 
 
-def _checked(model, start: Start, protocol: Protocol, params, cutoff, batch: str, out, overwrite: bool, failure_fn):
+def _checked(model, start: Start, protocol: Protocol, params, cutoff, batch: str, out, overwrite: bool, failure_fn,
+             resume: bool = False):
     """Everything a run is refused for, before any compute; returns (protocol, EnergyModel, output path)."""
     protocol = protocol.validate()
     model = as_energy_model(model, params=params, cutoff=cutoff)
     if batch not in BATCH_MODES:
         raise JaxbenchError(f"batch must be 'map', 'vmap' or 'vmap_select', got '{batch}'")
     out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not overwrite:
-        raise JaxbenchError(f"output {out} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    if resume and out is None:
+        raise JaxbenchError("resume=True needs the trajectory file (out=) to continue")
+    if out is not None and out.exists() and not overwrite and not resume:
+        raise JaxbenchError(f"output {out} exists; refusing to overwrite it (pass overwrite=True / --overwrite, or "
+                            "resume=True / --resume to continue it)")
     check_start(start, model)
     as_hook(failure_fn)  # a wrong kind of criterion is named before any compute
     return protocol, model, out
@@ -258,6 +271,7 @@ def simulate(
     cutoff: float | None = None,
     metadata: dict | None = None,
     devices: int | None = None,
+    resume: bool = False,
 ) -> MDResult:
     """Run ``protocol`` from ``start`` with ``model`` for all replicas as one compiled batch.
 
@@ -269,7 +283,14 @@ def simulate(
       seed: replica r's Maxwell–Boltzmann velocities (and Langevin noise) come from
         ``jax.random.fold_in(PRNGKey(seed), r)`` (:func:`replica_keys`): replica r is the same
         whatever the number of replicas.
-      out: H5MD file to append to chunk by chunk (refused if it exists unless ``overwrite``).
+      out: H5MD file to append to chunk by chunk (refused if it exists unless ``overwrite`` or
+        ``resume``); the engine state after each chunk goes beside it (``out.state.npz``,
+        :mod:`jaxbench.md.resume`).
+      resume: continue the run in ``out`` from its last committed chunk, bit-identical to a run that was
+        never interrupted; a finished run is returned without computing. No file (or one killed before
+        its first chunk): a fresh run. The protocol, model weights, start, seed and batching must be the
+        run's (else :class:`ResumeError` names what differs); with ``overwrite`` as well, a run that does
+        not match is started again instead. ``devices`` defaults to the run's.
       keep_arrays: also return the trajectory in memory (default: only when ``out`` is None).
       failure_fn: ``failure_fn(state) -> bool`` on a jax-md state (``state.position`` [N, 3] Å, ...),
         checked at every saved frame, or a :class:`FailureHook` (a criterion with memory, e.g.
@@ -280,62 +301,148 @@ def simulate(
         default: all local devices, at most one per replica. On a CPU call
         :func:`jaxbench.use_cpu_devices` before JAX starts to get one device per core.
       callback: called after every chunk with a dict (chunk, steps_done, failed, path).
-    """
-    import contextlib
 
+    With ``out``, SIGTERM and SIGINT let the chunk in flight finish and be committed with its state,
+    then raise :class:`jaxbench.errors.Interrupted` (a second signal acts at once).
+    """
     from ..locks import locked
 
     require_x64()
     check_compiled()  # before this run compiles: a long session's cached programs stay under the kernel's limit
-    protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn)
+    protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn, resume)
     # a second process writing the same trajectory gets a named error, not an interleaved file
     with locked(out, "trajectory", file=True) if out is not None else contextlib.nullcontext():
-        return _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress,
-                         callback, devices, metadata)
+        with _deferred_interrupts(out is not None) as interrupted:
+            return _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch,
+                             progress, callback, devices, metadata, resume, interrupted)
+
+
+@contextlib.contextmanager
+def _deferred_interrupts(active: bool):
+    """SIGTERM / SIGINT are noted, not acted on, until the chunk in flight is on disk (yields a function
+    returning the signal number or None). A second signal gets the default behaviour at once."""
+    import signal
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+
+    def handler(signum, frame):
+        if got:
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+            signal.raise_signal(signum)
+            return
+        got.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield lambda: got[0] if got else None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _saved_state(out: Path, overwrite: bool):
+    """The run's resume state, or None for a fresh run (no file yet, or nothing past the initial frame)."""
+    from ..trajectory import read_info
+    from . import resume as rs
+
+    spath = rs.state_path(out)
+    if spath.exists():
+        return rs.load(spath)
+    if not out.exists():
+        return None
+    try:
+        frames = int(read_info(out).get("frames_committed", 0))
+    except Exception:  # noqa: BLE001 - killed while the file was being created (no state: no chunk was done)
+        return None
+    if frames <= 1 or overwrite:
+        return None  # killed before its first chunk: nothing to lose
+    raise rs.ResumeError(f"cannot resume {out}: it has {frames} frames but no resume state {spath.name} (written by "
+                         "an older jaxbench?); start again with overwrite=True / --overwrite")
 
 
 def _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch, progress, callback,
-              devices, metadata) -> MDResult:
+              devices, metadata, resume, interrupted) -> MDResult:
     import jax
     import jax.numpy as jnp
 
     from ..devices import count as device_count
+    from . import resume as rs
 
+    saved = _saved_state(out, overwrite) if resume else None
+    if saved is not None and devices is None:
+        devices = saved.fingerprint.get("devices")
     keep_arrays = out is None if keep_arrays is None else keep_arrays
     devices = device_count(devices, start.n_replicas, JaxbenchError)
+    params = jax.tree.map(jnp.asarray, model.params)
+    fp = rs.fingerprint(protocol, model, params, start, seed, batch, devices)
+    if saved is not None:
+        try:
+            rs.check_fingerprint(saved, fp, out)
+        except rs.ResumeError:
+            if not overwrite:
+                raise
+            saved = None  # resume-or-restart: this run is another one
+    spath = rs.state_path(out) if out is not None else None
+    if spath is not None and saved is None:
+        spath.unlink(missing_ok=True)  # a stale state must never be applied to the new file
     t0 = time.perf_counter()
 
-    chunks = _Chunks(protocol, model, start, failure_fn, batch, devices)
-    params = jax.tree.map(jnp.asarray, model.params)
+    chunks = _Chunks(protocol, model, start, failure_fn, batch, devices,
+                     *((saved.alloc_positions, saved.alloc_multiplier), saved.n_reallocations) if saved else ())
     bonds = tuple(jnp.asarray(b) for b in replica_bonds(start, protocol.bond_factor))
     carry, init_obs = _initial_carry(chunks.eng, chunks.compiled, params, start, seed, chunks.nbrs, bonds)
+    if saved is not None:
+        carry = rs.restore(carry, saved, out)
     meta = {**dict(protocol=protocol.to_dict(), model=model.name, seed=int(seed), batch=batch, devices=devices,
                    frame_indices=list(start.frame_indices)), **(metadata or {})}
-    rec = _Recorder(out, keep_arrays, progress, start, protocol, chunks.eng.masses, meta, overwrite)
-    rec.emit(np.array([0]), {k: v[:, None] for k, v in init_obs.items()})
+    # resume=True without a state: the file (if any) holds no finished chunk, so it is replaced
+    rec = _Recorder(out, keep_arrays and saved is None, progress, start, protocol, chunks.eng.masses, meta,
+                    overwrite or resume,
+                    resume_frames=saved.frames_committed if saved else None, steps_done=saved.steps_done if saved else 0)
+    if saved is None:
+        rec.emit(np.array([0]), {k: v[:, None] for k, v in init_obs.items()})
 
     every, chunk, total = int(protocol.save_every), int(protocol.chunk_steps), int(protocol.steps)
     timings = {"setup_s": time.perf_counter() - t0, "first_chunk_s": 0.0, "chunks_s": 0.0}
-    done = 0
+    done, c0 = (saved.steps_done, saved.chunks_done) if saved else (0, 0)
+    if saved is not None:
+        timings["resumed_at_step"] = float(done)
     try:
-        for c in range(math.ceil(total / chunk)):
+        for c in range(c0, math.ceil(total / chunk)):
+            if np.all(np.asarray(carry[2]) != 0):
+                break
             steps_here = min(chunk, total - done)
             n_save = steps_here // every
             tc = time.perf_counter()
             new_carry, obs = chunks.run(params, carry, bonds, n_save)
             jax.block_until_ready(new_carry)
-            timings["first_chunk_s" if c == 0 else "chunks_s"] += time.perf_counter() - tc
+            timings["first_chunk_s" if c == c0 else "chunks_s"] += time.perf_counter() - tc
             carry, done = new_carry, done + steps_here
             hills = hills_arrays(chunks.eng, carry)
             reason = rec.chunk_done(done - steps_here + every * np.arange(1, n_save + 1), obs, carry, steps_here, hills)
+            if spath is not None:
+                rs.save(spath, carry, frames_committed=rec.writer.n_frames, steps_done=done, chunks_done=c + 1,
+                        alloc_positions=chunks.alloc[0], alloc_multiplier=chunks.alloc[1],
+                        n_reallocations=chunks.n_realloc, fingerprint=fp, timings=timings)
             if hills is not None:
                 check_hills(carry[6], f"protocol '{protocol.name}', after step {done}")
             if callback is not None:
                 callback(dict(chunk=c, steps_done=done, failed=reason != 0, path=out))
-            if np.all(reason != 0):
-                break
+            if interrupted() is not None and done < total and not np.all(reason != 0):
+                raise Interrupted(interrupted(), f"simulation {out} stopped after step {done} of {total} (signal "
+                                  f"{interrupted()}); the chunks so far and the engine state are on disk: continue "
+                                  "with resume=True / `jaxbench simulate ... --resume`")
     finally:
         rec.close(complete=done >= total or bool(np.all(np.asarray(carry[2]) != 0)))
     arrays = rec.arrays(protocol, start, chunks.eng.masses)
+    if keep_arrays and saved is not None:
+        from ..trajectory import read
+
+        arrays = read(out)
     return _result(carry, done, protocol, out, arrays, timings, t0, chunks.n_realloc, seed, devices,
                    hills_arrays(chunks.eng, carry))
