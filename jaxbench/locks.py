@@ -60,7 +60,10 @@ def locked(path: str | os.PathLike, what: str = "run directory", file: bool = Fa
 
     path = Path(path)
     lock = lock_path(path, file)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only file system, a file where a directory should be, no permission
+        raise JaxbenchError(f"cannot write the {what} {path}: {e}") from e
     key = str(lock.resolve())
     if key in _HELD:
         _HELD[key] += 1
@@ -101,6 +104,8 @@ def locked(path: str | os.PathLike, what: str = "run directory", file: bool = Fa
                     f"; if that process is gone, delete {lock}")
             raise RunLockedError(f"{what} {path} is being written by pid {owner.get('pid')} on {where} since "
                                  f"{owner.get('started', '?')} ({owner.get('command', '?')}){hint}") from None
+        except OSError as e:
+            raise JaxbenchError(f"cannot write the {what} {path} (its lock {lock.name}): {e}") from e
         else:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

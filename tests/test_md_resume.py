@@ -134,3 +134,39 @@ def test_resume_after_a_neighbour_list_reallocation(tmp_path):
     res = md.simulate(lj, st, p, seed=2, out=cut, progress=False, resume=True)
     assert res.capacity == full.capacity and res.n_reallocations == full.n_reallocations
     same_file(full.path, cut)
+
+
+def test_disk_full_is_named_and_the_last_chunk_is_the_resume_point(tmp_path, monkeypatch):
+    """ENOSPC while the third chunk's state is written: a named error, no temporary file, the first two
+    chunks intact; once there is space again the run resumes to the uninterrupted trajectory."""
+    import errno
+
+    from jaxbench.md import resume as rs
+
+    st = argon(2)
+    p = proto(ensemble="nvt_langevin", steps=200, chunk_steps=50, friction_per_fs=0.01)
+    full = md.simulate(LJ, st, p, seed=5, out=tmp_path / "full.h5", progress=False)
+    real, calls = np.savez, []
+
+    def savez(f, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, **kw)
+
+    monkeypatch.setattr(rs.np, "savez", savez)
+    cut = tmp_path / "cut.h5"
+    with pytest.raises(JaxbenchError, match=r"writing chunk 2 .*No space left.*chunks before it are intact"):
+        md.simulate(LJ, st, p, seed=5, out=cut, progress=False)
+    monkeypatch.setattr(rs.np, "savez", real)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["cut.h5", "cut.h5.state.npz", "full.h5", "full.h5.state.npz"]
+    assert load(state_path(cut)).steps_done == 100
+    md.simulate(LJ, st, p, seed=5, out=cut, progress=False, resume=True)
+    same_file(full.path, cut)
+
+
+def test_unwritable_output_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(JaxbenchError, match="cannot write the trajectory .*a_file"):
+        md.simulate(LJ, argon(1), proto(steps=20, chunk_steps=20), out=tmp_path / "a_file" / "t.h5", progress=False)

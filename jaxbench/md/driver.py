@@ -424,11 +424,17 @@ def _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays,
             timings["first_chunk_s" if c == c0 else "chunks_s"] += time.perf_counter() - tc
             carry, done = new_carry, done + steps_here
             hills = hills_arrays(chunks.eng, carry)
-            reason = rec.chunk_done(done - steps_here + every * np.arange(1, n_save + 1), obs, carry, steps_here, hills)
-            if spath is not None:
-                rs.save(spath, carry, frames_committed=rec.writer.n_frames, steps_done=done, chunks_done=c + 1,
-                        alloc_positions=chunks.alloc[0], alloc_multiplier=chunks.alloc[1],
-                        n_reallocations=chunks.n_realloc, fingerprint=fp, timings=timings)
+            try:
+                reason = rec.chunk_done(done - steps_here + every * np.arange(1, n_save + 1), obs, carry, steps_here,
+                                        hills)
+                if spath is not None:
+                    rs.save(spath, carry, frames_committed=rec.writer.n_frames, steps_done=done, chunks_done=c + 1,
+                            alloc_positions=chunks.alloc[0], alloc_multiplier=chunks.alloc[1],
+                            n_reallocations=chunks.n_realloc, fingerprint=fp, timings=timings)
+            except OSError as e:  # disk full, quota, read-only remount: the last saved chunk stays the resume point
+                raise JaxbenchError(f"writing chunk {c} (steps {done - steps_here}-{done}) of {out} failed: {e}; the "
+                                    "frames and engine state of the chunks before it are intact: free space and "
+                                    "continue with resume=True / --resume") from e
             if hills is not None:
                 check_hills(carry[6], f"protocol '{protocol.name}', after step {done}")
             if callback is not None:
