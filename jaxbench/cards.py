@@ -74,6 +74,8 @@ def read_card(path: str | Path) -> dict[str, Any]:
             card = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise DataError(f"not valid YAML: {e}", file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start}: {e.reason}): a card is a UTF-8 YAML file", file=str(path)) from None
     except OSError as e:
         raise DataError(f"cannot read card: {e.strerror}", file=str(path)) from None
     if not isinstance(card, dict) or "name" not in card:

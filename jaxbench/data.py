@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -118,36 +120,92 @@ def _parse_frames(spec, card_path: str, where: str) -> slice:
         raise DataError(f"frame range {spec!r} is not 'start:stop[:step]'", file=card_path, key=where) from None
 
 
+def _mapping(value, card_path: str, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"must be a mapping, got {type(value).__name__} {value!r}", file=card_path, key=key)
+    return value
+
+
+def _count(value, card_path: str, key: str) -> int:
+    """A positive whole number of a card (frames, atoms): anything else is a typo, not a count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise DataError(f"must be a positive integer, got {value!r}", file=card_path, key=key)
+    return int(value)
+
+
+def _elements(value, card_path: str, key: str) -> tuple[str, ...]:
+    from ase.data import atomic_numbers
+
+    if not isinstance(value, list):
+        raise DataError(f"must be a list of element symbols, got {value!r}", file=card_path, key=key)
+    for e in value:
+        if not isinstance(e, str) or atomic_numbers.get(e, 0) < 1:
+            raise DataError(f"{e!r} is not an element symbol", file=card_path, key=key)
+    return tuple(value)
+
+
+def _files(value, card_path: str, key: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"must be a non-empty list of {{path, sha256}}, got {value!r}", file=card_path, key=key)
+    for f in value:
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in ("path", "sha256")):
+            raise DataError(f"entry {f!r} needs a 'path' and a 'sha256' (strings)", file=card_path, key=key)
+    return tuple((f["path"], f["sha256"]) for f in value)
+
+
 def _source_from_card(sid: str, s: dict, card_path: str, generated_from: dict | None = None) -> Source:
+    where = f"sources.{sid}"
+    s = _mapping(s, card_path, where)
     if generated_from is not None:  # format, path and files come from the generated card (see `get`)
         ds = generated_dataset_name(generated_from, card_path)
         s = {"format": "generated", "path": f"generated/{ds}.yaml", "files": [{"path": f"generated/{ds}.yaml", "sha256": ""}], **s}
     for k in ("format", "path", "files", "frames", "atoms", "elements"):
         if k not in s:
-            raise DataError(f"source '{sid}' lacks '{k}'", file=card_path, key=f"sources.{sid}.{k}")
+            raise DataError(f"source '{sid}' lacks '{k}'", file=card_path, key=f"{where}.{k}")
+    atoms = s["atoms"]
     return Source(
         id=sid,
         format=s["format"],
         path=s["path"],
-        files=tuple((f["path"], f["sha256"]) for f in s["files"]),
-        frames=int(s["frames"]),
-        atoms=tuple(int(a) for a in s["atoms"]) if isinstance(s["atoms"], list) else int(s["atoms"]),
-        elements=tuple(s["elements"]),
+        files=_files(s["files"], card_path, f"{where}.files"),
+        frames=_count(s["frames"], card_path, f"{where}.frames"),
+        atoms=(tuple(_count(a, card_path, f"{where}.atoms") for a in atoms) if isinstance(atoms, list)
+               else _count(atoms, card_path, f"{where}.atoms")),
+        elements=_elements(s["elements"], card_path, f"{where}.elements"),
         pbc=s.get("pbc"),
         group=s.get("group"),
     )
 
 
+# Quantities of a card's `simulation:` block (a number or a list of numbers each): physical, so > 0.
+SIMULATION_QUANTITIES = ("temperature_K", "timestep_fs", "frame_interval_fs")
+
+
+def _check_simulation(sim, card_path: str) -> dict:
+    sim = _mapping(sim, card_path, "simulation")
+    for k in SIMULATION_QUANTITIES:
+        raw = sim.get(k)
+        for v in raw if isinstance(raw, list) else [] if raw is None else [raw]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise DataError(f"must be a positive number (or a list of them), got {raw!r}", file=card_path,
+                                key=f"simulation.{k}")
+    return sim
+
+
 def _specs_from_card(card: dict) -> list[DatasetSpec]:
     path = card["_path"]
     gen_from = card.get("generated_from")
-    sources = {sid: _source_from_card(sid, s, path, gen_from) for sid, s in card.get("sources", {}).items()}
+    raw_sources = _mapping(card.get("sources", {}), path, "sources")
+    sources = {sid: _source_from_card(sid, s, path, gen_from) for sid, s in raw_sources.items()}
     if not sources:
         raise DataError("card has no sources", file=path, key="sources")
 
     def splits_of(raw: dict) -> dict[str, tuple[tuple[str, slice], ...]]:
         out = {}
-        for split, entries in raw.items():
+        for split, entries in _mapping(raw, path, "splits").items():
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise DataError(f"split '{split}' must be a list of {{source, frames}} entries, got {entries!r}",
+                                file=path, key=f"splits.{split}")
             items = []
             for e in entries:
                 if e.get("source") not in sources:
@@ -159,7 +217,7 @@ def _specs_from_card(card: dict) -> list[DatasetSpec]:
     common = dict(
         family=card.get("family", card["name"]),
         periodic=card.get("kind") == "periodic",
-        simulation=card.get("simulation", {}),
+        simulation=_check_simulation(card.get("simulation", {}), path),
         trajectory=card.get("trajectory"),
         units=card.get("units", {}),
         url=card.get("source", {}).get("url", ""),

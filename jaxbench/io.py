@@ -145,11 +145,15 @@ def _open_npz(path: Path):
 
 def _npz_array(z, name: str, file: str) -> np.ndarray:
     try:
-        return z[name]
+        a = z[name]
     except _CORRUPT as e:
         raise DataError(
             f"cannot read this array ({_why(e)}); the file is truncated or corrupt", file=file, key=name
         ) from None
+    # Text arrays would otherwise be parsed by numpy's float conversion, by accident and only sometimes.
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"expected a numeric array, got dtype {a.dtype} of shape {a.shape}", file=file, key=name)
+    return a
 
 
 def read_nequip_npz(
@@ -242,6 +246,10 @@ def read_nequip_npz(
         if a.shape[:1] != (F,) and not (name == "numbers" and a.ndim == 1):
             raise DataError(f"{name} has shape {a.shape} ({a.shape[:1]} frames), positions have {pos.shape} ({F} frames)",
                             file=file, key=found[name])
+    numbers = arr["numbers"]
+    if numbers.shape not in ((N,), (F, N)):
+        raise DataError(f"atomic numbers have shape {numbers.shape}, positions {pos.shape} imply ({N},) or ({F}, {N})",
+                        file=file, key=found["numbers"])
     if "forces" in arr and arr["forces"].shape != pos.shape:
         raise DataError(f"forces have shape {arr['forces'].shape}, positions have {pos.shape}", file=file, key=found["forces"])
 
@@ -419,6 +427,8 @@ def _read_deepmd_set(s: Path, numbers: np.ndarray, periodic: bool, required: Seq
     virial = optional("virial.npy", "virial", 9, "a row-major 3x3 virial")
     stress = None
     if virial is not None:
+        for f in range(F):  # a cell without volume is box.npy's fault, not virial.npy's
+            check_cell(box[f], np.full(3, periodic), file=str(box_path), frame=f, key="box")
         stress = virial_to_stress(virial, box, file=str(s / "virial.npy"), key="virial")
     return Frames.from_arrays(
         positions=coord,
@@ -461,6 +471,37 @@ def _ase_label(atoms, key: str, where: str):
         return results[key]
     store = atoms.arrays if where == "arrays" else atoms.info
     return store.get(key)
+
+
+def _label_array(value, key: str, file: str, frame) -> np.ndarray:
+    """An ASE label as float64; a label that is not numeric (e.g. ``energy=abc``) names its key and frame."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"label {value!r} is not a number", file=file, key=key, frame=frame) from None
+
+
+def _ase_frame_labels(atoms, keys: Mapping[str, str], file: str, frame) -> tuple:
+    """(energy or None, forces or None, 3x3 stress or None) of one ASE frame; `keys` maps label -> ASE key."""
+    e = _ase_label(atoms, keys["energy"], "info")
+    if e is not None:
+        e = _label_array(e, keys["energy"], file, frame).reshape(-1)
+        if e.size != 1:
+            raise DataError(f"energy label has {e.size} values, expected one", file=file, key=keys["energy"], frame=frame)
+        e = float(e[0])
+    f = _ase_label(atoms, keys["forces"], "arrays")
+    f = None if f is None else _label_array(f, keys["forces"], file, frame)
+    s = _ase_label(atoms, keys["stress"], "info")
+    if s is not None:
+        s = _label_array(s, keys["stress"], file, frame)
+        s = voigt_to_full(s) if s.shape == (6,) else s.reshape(3, 3) if s.size == 9 else s
+    else:
+        v = _ase_label(atoms, keys["virial"], "info")
+        if v is not None:
+            v = _label_array(v, keys["virial"], file, frame)
+            s = virial_to_stress(v.reshape(1, -1) if v.size in (6, 9) else v[None], np.asarray(atoms.cell)[None],
+                                 file=file, key=keys["virial"], frames=[frame])[0]
+    return e, f, s
 
 
 def read_ase(
@@ -518,23 +559,9 @@ def read_ase(
     if not images:
         raise DataError(f"no frames for index {index!r}", file=file)
 
-    energies, forces, stresses = [], [], []
-    for atoms in images:
-        e = _ase_label(atoms, energy_key, "info")
-        energies.append(None if e is None else float(np.asarray(e, dtype=np.float64).reshape(-1)[0]))
-        f = _ase_label(atoms, forces_key, "arrays")
-        forces.append(None if f is None else np.asarray(f, dtype=np.float64))
-        s = _ase_label(atoms, stress_key, "info")
-        if s is not None:
-            s = np.asarray(s, dtype=np.float64)
-            s = voigt_to_full(s) if s.shape == (6,) else s.reshape(3, 3) if s.size == 9 else s
-        else:
-            v = _ase_label(atoms, virial_key, "info")
-            if v is not None:
-                v = np.asarray(v, dtype=np.float64)
-                s = virial_to_stress(v.reshape(1, -1) if v.size in (6, 9) else v[None], np.asarray(atoms.cell)[None],
-                                     file=file, key=virial_key, frames=[numbers_in_file[len(stresses)]])[0]
-        stresses.append(s)
+    keys = dict(energy=energy_key, forces=forces_key, stress=stress_key, virial=virial_key)
+    labels = [_ase_frame_labels(atoms, keys, file, fk) for atoms, fk in zip(images, numbers_in_file)]
+    energies, forces, stresses = (list(v) for v in zip(*labels))
 
     for key, vals in (("energy", energies), ("forces", forces), ("stress", stresses)):
         have = [v is not None for v in vals]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -39,14 +40,39 @@ def deep_update(base: dict, over: dict) -> dict:
     return out
 
 
+def _check_model_card(card: dict, file: str, prefix: str = "") -> None:
+    """Raise `DataError` naming the card file and key for an architecture or cutoff no model can be built with
+    (checked when the cards are read, so a typo is reported before any data is loaded)."""
+    from .models import architectures
+
+    arch = card.get("architecture")
+    if arch not in architectures():
+        what = "missing" if arch is None else f"unknown architecture {arch!r}"
+        raise DataError(f"{what}; known: {', '.join(architectures())}", file=file, key=f"{prefix}architecture")
+    hp = card.get("hyperparameters")
+    if not isinstance(hp, dict):
+        raise DataError(f"must be a mapping of hyperparameters, got {hp!r}", file=file, key=f"{prefix}hyperparameters")
+    r = hp.get("r_max")
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
+        raise DataError(f"the cutoff must be a positive number of Å, got {r!r}", file=file,
+                        key=f"{prefix}hyperparameters.r_max")
+
+
 def model_cards() -> dict[str, dict[str, Any]]:
     """Every model card by name, variants expanded (`<name>-<variant>`, e.g. `mace-small`)."""
     out = {}
     for name, card in _cards.cards("models").items():
+        file = card["_path"]
         variants = card.pop("variants", {}) or {}
+        if not isinstance(variants, dict):
+            raise DataError(f"must be a mapping of variant name -> overrides, got {variants!r}", file=file, key="variants")
+        _check_model_card(card, file)
         out[name] = card
         for vname, over in variants.items():
+            if not isinstance(over, dict):
+                raise DataError(f"a variant must be a mapping of overrides, got {over!r}", file=file, key=f"variants.{vname}")
             v = deep_update(card, over)
+            _check_model_card(v, file, prefix=f"variants.{vname}.")
             v["name"] = f"{name}-{vname}"
             v["variant_of"] = name
             out[v["name"]] = v

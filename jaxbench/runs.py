@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import JaxbenchError
+from .errors import DataError, JaxbenchError
 from .locks import LOCK_NAME, RunLockedError, lock_path, locked  # noqa: F401  (run-dir API)
 
 FORMAT = 1
@@ -116,6 +116,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
@@ -264,11 +266,22 @@ def read_run(run_dir) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
-    card = read_json(run_dir / "card.json")
-    stats = DatasetStatistics.from_json(read_json(run_dir / "statistics.json"))
-    dataset = read_json(run_dir / "dataset.json")
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+    card = _read_object(run_dir / "card.json", ("name", "architecture", "hyperparameters"))
+    stats = DatasetStatistics.from_json(read_json(run_dir / "statistics.json"), file=str(run_dir / "statistics.json"))
+    dataset = _read_object(run_dir / "dataset.json", ("name",))
+    config = _read_object(run_dir / "config.json", ()) if (run_dir / "config.json").exists() else {}
     return dict(card=card, statistics=stats, dataset=dataset, config=config)
+
+
+def _read_object(path: Path, required: tuple[str, ...]) -> dict:
+    """A JSON object with the `required` keys (what the run's writer always puts there)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", file=str(path))
+    for k in required:
+        if k not in obj:
+            raise DataError("missing: the file is not what `jaxbench train` writes", file=str(path), key=k)
+    return obj
 
 
 def load_potential(run_dir, which: str = "best"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,61 @@ class DatasetStatistics:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "DatasetStatistics":
+    def from_json(d: dict[str, Any], file=None) -> "DatasetStatistics":
+        """From `to_json`'s dict; a missing, unknown or non-physical entry is a `DataError` naming `file` and the key."""
+        if not isinstance(d, dict):
+            raise DataError(f"dataset statistics must be a JSON object, got {type(d).__name__}", file=file)
+        fields = [f.name for f in dataclasses.fields(DatasetStatistics)]
+        for k in fields:
+            if k not in d:
+                raise DataError("missing", file=file, key=k)
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise DataError(f"unknown entries {unknown} (known: {', '.join(fields)})", file=file)
         d = dict(d)
-        d["atomic_energies"] = {int(k): float(v) for k, v in d["atomic_energies"].items()}
-        d["species"] = tuple(int(z) for z in d["species"])
+        d["species"] = tuple(_atomic_number(z, file) for z in _listed(d["species"], "species", file))
+        energies = d["atomic_energies"]
+        if not isinstance(energies, dict):
+            raise DataError(f"must map atomic numbers to energies, got {energies!r}", file=file, key="atomic_energies")
+        d["atomic_energies"] = {_atomic_number(k, file, "atomic_energies"): _number(v, "atomic_energies", file)
+                                for k, v in energies.items()}
+        for k in ("energy_per_atom_mean", "energy_per_atom_std", "force_rms", "avg_num_neighbors", "cutoff"):
+            d[k] = _number(d[k], k, file)
+        for k in ("energy_per_atom_std", "avg_num_neighbors"):
+            if d[k] < 0:
+                raise DataError(f"must be >= 0, got {d[k]}", file=file, key=k)
+        for k in ("force_rms", "cutoff"):  # the output scale and the model's cutoff: zero is as wrong as negative
+            if d[k] <= 0:
+                raise DataError(f"must be > 0, got {d[k]}", file=file, key=k)
+        if isinstance(d["n_frames"], bool) or not isinstance(d["n_frames"], numbers.Integral) or d["n_frames"] < 0:
+            raise DataError(f"must be a non-negative integer, got {d['n_frames']!r}", file=file, key="n_frames")
         return DatasetStatistics(**d)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2)
+
+
+def _listed(v, key: str, file) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise DataError(f"must be a list, got {v!r}", file=file, key=key)
+    return v
+
+
+def _atomic_number(z, file, key: str = "species") -> int:
+    """An atomic number (JSON object keys are strings: '8' is fine, 'O' is not)."""
+    try:
+        n = int(z) if not isinstance(z, (bool, float)) else None
+    except (TypeError, ValueError):
+        n = None
+    if n is None or not 1 <= n <= 118:
+        raise DataError(f"{z!r} is not an atomic number (1-118)", file=file, key=key)
+    return n
+
+
+def _number(v, key: str, file) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+        raise DataError(f"must be a finite number, got {v!r}", file=file, key=key)
+    return float(v)
 
 
 def composition_matrix(frames: Frames, species) -> np.ndarray:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import JaxbenchError
+from .errors import DataError, JaxbenchError
 
 __all__ = ["TrajectoryWriter", "read", "read_info", "to_extxyz", "PARTICLE_FIELDS", "OBSERVABLES"]
 
@@ -253,20 +253,108 @@ def _attr(v):
 
 def _open_read(path):
     """Open for reading without HDF5's file lock, so a running simulation's file (held open for writing)
-    can be read: readers only take the frames the writer has committed and flushed (``frames_committed``)."""
+    can be read: readers only take the frames the writer has committed and flushed (``frames_committed``).
+    A path that is not a readable HDF5 file is a `DataError` naming it (never h5py's raw OSError)."""
     import h5py
 
-    return h5py.File(path, "r", locking=False)
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        raise DataError("no such trajectory file", file=file)
+    if path.is_dir():
+        raise DataError("is a directory, not a trajectory file", file=file)
+    if path.stat().st_size == 0:
+        raise DataError("file is empty (0 bytes): not a trajectory (did the run start?)", file=file)
+    if not h5py.is_hdf5(file):
+        raise DataError("not an HDF5 file (no HDF5 signature), so not a jaxbench trajectory", file=file)
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"cannot open this HDF5 file ({why}); the file is truncated or corrupt", file=file) from None
+
+
+def _node(f, key: str, file: str):
+    """The group or dataset `key` of an open file; a missing one names the file and the key."""
+    try:
+        return f[key]
+    except KeyError:
+        raise DataError("missing: not a complete jaxbench trajectory (the layout is in jaxbench.trajectory)",
+                        file=file, key=key) from None
+
+
+def _attr_of(node, name: str, file: str):
+    try:
+        return node.attrs[name]
+    except KeyError:
+        raise DataError(f"attribute '{name}' missing", file=file, key=node.name.lstrip("/")) from None
+
+
+def _replica_groups(f, file: str) -> list[str]:
+    groups = sorted(_node(f, "particles", file).keys())
+    if not groups:
+        raise DataError("no replica groups (replica_000, ...): the file holds no particles", file=file, key="particles")
+    return groups
+
+
+def _rows(f, key: str, n: int, file: str, shape: tuple | None = None) -> np.ndarray:
+    """The first `n` (committed) rows of dataset `key`, checked to exist and to have per-row `shape`."""
+    ds = _node(f, key, file)
+    if shape is not None and tuple(ds.shape[1:]) != tuple(shape):
+        raise DataError(f"has shape {ds.shape}, expected (frames, {', '.join(map(str, shape))})", file=file, key=key)
+    if ds.shape[0] < n:
+        raise DataError(f"has {ds.shape[0]} rows but frames_committed is {n}: the file was truncated or changed",
+                        file=file, key=key)
+    try:
+        return ds[:n]
+    except OSError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"cannot read ({why}); the file is truncated or corrupt", file=file, key=key) from None
 
 
 def read_info(path) -> dict[str, Any]:
     """The ``/parameters/jaxbench`` attributes (JSON decoded), plus ``n_replicas`` and ``n_atoms``."""
+    file = str(path)
     with _open_read(path) as f:
-        info = {k: _attr(v) for k, v in f["parameters/jaxbench"].attrs.items()}
-        groups = sorted(f["particles"].keys())
+        info = {k: _attr(v) for k, v in _node(f, "parameters/jaxbench", file).attrs.items()}
+        groups = _replica_groups(f, file)
         info["n_replicas"] = len(groups)
-        info["n_atoms"] = int(f[f"particles/{groups[0]}/species"].shape[0])
+        info["n_atoms"] = int(_node(f, f"particles/{groups[0]}/species", file).shape[0])
     return info
+
+
+def _committed(info: dict, file: str) -> int:
+    n = info.get("frames_committed", 0)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise DataError(f"attribute 'frames_committed' must be a non-negative integer, got {n!r}", file=file,
+                        key="parameters/jaxbench")
+    return int(n)
+
+
+def _pick_replicas(groups: list[str], replicas, file: str) -> list[str]:
+    if replicas is None:
+        return groups
+    picked = [int(r) for r in np.atleast_1d(replicas)]
+    for r in picked:
+        if not -len(groups) <= r < len(groups):
+            raise DataError(f"replica {r} out of range: the file has {len(groups)} replicas", file=file)
+    return [groups[r] for r in picked]
+
+
+def _hills(f, groups: list[str], file: str) -> dict[str, np.ndarray]:
+    mg = [_node(f, f"metadynamics/{g}", file) for g in groups]
+    return dict(centers=np.stack([_node(g, "centers", file)[:] for g in mg]),
+                heights=np.stack([_node(g, "heights", file)[:] for g in mg]),
+                count=np.asarray([int(_attr_of(g, "count", file)) for g in mg]))
+
+
+def _box(f, group: str, file: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cell [3, 3], pbc [3]) of a particles group."""
+    cell = _node(f, f"{group}/box/edges", file)[:]
+    if cell.shape != (3, 3):
+        raise DataError(f"has shape {cell.shape}, expected (3, 3)", file=file, key=f"{group}/box/edges")
+    boundary = _attr_of(_node(f, f"{group}/box", file), "boundary", file)
+    return cell, np.array([b == b"periodic" or b == "periodic" for b in boundary])
 
 
 def read(path, replicas=None) -> dict[str, Any]:
@@ -276,31 +364,31 @@ def read(path, replicas=None) -> dict[str, Any]:
     ``potential_energy`` / ``kinetic_energy`` / ``conserved_energy`` / ``temperature`` [R, T] (and any other
     observable the run saved: ``bias_energy`` [R, T], ``cv`` [R, T, n_cv] under metadynamics, with ``hills``),
     ``species`` [N], ``mass`` [N], ``cell`` [3, 3], ``pbc`` [3], ``info`` (see :func:`read_info`).
+
+    Raises `DataError` naming the file and the group / dataset at fault for a file that is missing, not
+    HDF5, truncated, lacks part of the layout, or has fewer rows than it says it committed.
     """
+    file = str(path)
     info = read_info(path)
-    n = int(info.get("frames_committed", 0))
+    n = _committed(info, file)
     with _open_read(path) as f:
-        groups = sorted(f["particles"].keys())
-        if replicas is not None:
-            groups = [groups[r] for r in np.atleast_1d(replicas)]
-        g0 = f[f"particles/{groups[0]}"]
+        groups = _pick_replicas(_replica_groups(f, file), replicas, file)
+        g0 = f"particles/{groups[0]}"
+        species = _node(f, f"{g0}/species", file)[:]
         out: dict[str, Any] = {
-            "step": g0["position/step"][:n],
-            "time": g0["position/time"][:n],
-            "species": g0["species"][:],
-            "mass": g0["mass"][:],
-            "cell": g0["box/edges"][:],
-            "pbc": np.array([b == b"periodic" or b == "periodic" for b in g0["box"].attrs["boundary"]]),
+            "step": _rows(f, f"{g0}/position/step", n, file),
+            "time": _rows(f, f"{g0}/position/time", n, file),
+            "species": species,
+            "mass": _node(f, f"{g0}/mass", file)[:],
         }
+        out["cell"], out["pbc"] = _box(f, g0, file)
         for name in PARTICLE_FIELDS:
-            out[name] = np.stack([f[f"particles/{g}/{name}/value"][:n] for g in groups])
-        for name in f[f"observables/{groups[0]}"]:
-            out[name] = np.stack([f[f"observables/{g}/{name}/value"][:n] for g in groups])
+            out[name] = np.stack([_rows(f, f"particles/{g}/{name}/value", n, file, shape=(len(species), 3)) for g in groups])
+        for name in _node(f, f"observables/{groups[0]}", file):
+            shape = _node(f, f"observables/{groups[0]}/{name}/value", file).shape[1:]
+            out[name] = np.stack([_rows(f, f"observables/{g}/{name}/value", n, file, shape=shape) for g in groups])
         if "metadynamics" in f:
-            mg = [f[f"metadynamics/{g}"] for g in groups]
-            out["hills"] = dict(centers=np.stack([g["centers"][:] for g in mg]),
-                                heights=np.stack([g["heights"][:] for g in mg]),
-                                count=np.asarray([int(g.attrs["count"]) for g in mg]))
+            out["hills"] = _hills(f, groups, file)
     out["info"] = info
     return out
 

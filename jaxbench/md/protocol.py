@@ -8,12 +8,13 @@ sqrt(amu Å^2 / eV) = 10.1805 fs (:data:`FS_PER_TIME_UNIT`), so the conversions 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import JaxbenchError
+from ..errors import DataError, JaxbenchError
 
 FS_PER_TIME_UNIT = 10.180505671156725  # sqrt(amu Å^2 / eV) in fs (= 1 / ase.units.fs)
 KB_EV_PER_K = 8.617333262e-5
@@ -47,6 +48,7 @@ class MetadynamicsSettings:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise JaxbenchError(f"{where}metadynamics: unknown keys {unknown} (known: {sorted(fields)})")
+        _check_types(MetadynamicsSettings, d, where, prefix="metadynamics.")
         if "dihedrals" not in d:
             raise JaxbenchError(f"{where}metadynamics: needs `dihedrals` (atom index quadruples, one per CV)")
         try:
@@ -124,37 +126,41 @@ class Protocol:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
     def validate(self) -> "Protocol":
-        """Raise JaxbenchError for non-physical or inconsistent values (before any compute)."""
+        """Raise JaxbenchError for non-physical or inconsistent values (before any compute); the message
+        names the card key at fault."""
         where = f"protocol '{self.name}': " if self.name else "protocol: "
+
+        def bad(key: str, message: str) -> JaxbenchError:
+            return JaxbenchError(f"{where}key '{key}': {message}")
+
         if self.ensemble not in ENSEMBLES:
-            raise JaxbenchError(f"{where}unknown ensemble '{self.ensemble}' (use one of {', '.join(ENSEMBLES)})")
+            raise bad("ensemble", f"unknown ensemble '{self.ensemble}' (use one of {', '.join(ENSEMBLES)})")
         if not (np.isfinite(self.temperature_K) and self.temperature_K > 0):
-            raise JaxbenchError(f"{where}temperature must be > 0 K, got {self.temperature_K}")
+            raise bad("temperature_K", f"temperature must be > 0 K, got {self.temperature_K}")
         if not (np.isfinite(self.timestep_fs) and 0 < self.timestep_fs <= MAX_TIMESTEP_FS):
-            raise JaxbenchError(f"{where}timestep must be in (0, {MAX_TIMESTEP_FS}] fs, got {self.timestep_fs}")
+            raise bad("timestep_fs", f"timestep must be in (0, {MAX_TIMESTEP_FS}] fs, got {self.timestep_fs}")
         if int(self.steps) != self.steps or self.steps <= 0:
-            raise JaxbenchError(f"{where}steps must be a positive integer, got {self.steps}")
+            raise bad("steps", f"steps must be a positive integer, got {self.steps}")
         if int(self.replicas) != self.replicas or self.replicas <= 0:
-            raise JaxbenchError(f"{where}replicas must be a positive integer, got {self.replicas}")
+            raise bad("replicas", f"replicas must be a positive integer, got {self.replicas}")
         if self.save_every <= 0 or self.chunk_steps <= 0 or self.chunk_steps % self.save_every:
-            raise JaxbenchError(
-                f"{where}chunk_steps ({self.chunk_steps}) must be a positive multiple of save_every ({self.save_every})"
-            )
+            raise bad("chunk_steps", f"chunk_steps ({self.chunk_steps}) must be a positive multiple of save_every "
+                                     f"({self.save_every})")
         if self.steps % self.save_every:
-            raise JaxbenchError(f"{where}steps ({self.steps}) must be a multiple of save_every ({self.save_every})")
+            raise bad("steps", f"steps ({self.steps}) must be a multiple of save_every ({self.save_every})")
         if self.ensemble == "nvt_langevin" and not self.friction_per_fs > 0:
-            raise JaxbenchError(f"{where}Langevin friction must be > 0 1/fs, got {self.friction_per_fs}")
+            raise bad("friction_per_fs", f"Langevin friction must be > 0 1/fs, got {self.friction_per_fs}")
         if self.ensemble == "nvt_nose_hoover":
             if self.tau_fs is not None and not self.tau_fs > 0:
-                raise JaxbenchError(f"{where}Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
+                raise bad("tau_fs", f"Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
             if int(self.chain_length) < 1:
-                raise JaxbenchError(f"{where}chain_length must be >= 1, got {self.chain_length}")
+                raise bad("chain_length", f"chain_length must be >= 1, got {self.chain_length}")
         if self.replica_init not in REPLICA_INITS:
-            raise JaxbenchError(f"{where}replica_init must be one of {', '.join(REPLICA_INITS)}, got '{self.replica_init}'")
+            raise bad("replica_init", f"replica_init must be one of {', '.join(REPLICA_INITS)}, got '{self.replica_init}'")
         if self.replica_init == "fes_minima" and self.metadynamics is None:
-            raise JaxbenchError(f"{where}replica_init 'fes_minima' needs a metadynamics block (its CVs define the surface)")
+            raise bad("replica_init", "replica_init 'fes_minima' needs a metadynamics block (its CVs define the surface)")
         if not self.skin >= 0:
-            raise JaxbenchError(f"{where}skin must be >= 0, got {self.skin}")
+            raise bad("skin", f"skin must be >= 0, got {self.skin}")
         if self.metadynamics is not None:
             self.metadynamics.validate(self, where)
         return self
@@ -188,12 +194,45 @@ class Protocol:
         if unknown:
             raise JaxbenchError(f"protocol: unknown keys {unknown} (known: {sorted(fields)})")
         d = dict(d)
-        if isinstance(d.get("metadynamics"), dict):
-            where = f"protocol '{d['name']}': " if d.get("name") else "protocol: "
+        where = f"protocol '{d['name']}': " if isinstance(d.get("name"), str) and d["name"] else "protocol: "
+        _check_types(Protocol, d, where)
+        if d.get("metadynamics") is not None:
+            if not isinstance(d["metadynamics"], dict):
+                raise JaxbenchError(f"{where}key 'metadynamics': must be a mapping, got {d['metadynamics']!r}")
             d["metadynamics"] = MetadynamicsSettings.from_dict(d["metadynamics"], where)
-        if isinstance(d.get("scoring"), (dict, list, tuple)):
-            d["scoring"] = tuple(sorted(dict(d["scoring"]).items()))
+        if "scoring" in d:
+            d["scoring"] = _scoring_items(d["scoring"], where)
         return Protocol(**d)
+
+
+def _check_types(cls, d: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Refuse a value of the wrong type for a number or text field of `cls` (e.g. ``timestep_fs: fast``),
+    which would otherwise fail later with a raw TypeError far from the card."""
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, kind = d[f.name], str(f.type).split(" | ")
+        if v is None and "None" in kind:
+            continue
+        if kind[0] in ("float", "int"):
+            ok, want = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
+        elif kind[0] == "str":
+            ok, want = isinstance(v, str), "text"
+        else:  # nested blocks (metadynamics, scoring) are checked by their own parsers
+            continue
+        if not ok:
+            raise JaxbenchError(f"{where}key '{prefix}{f.name}': must be {want}, got {v!r}")
+
+
+def _scoring_items(raw, where: str) -> tuple:
+    if raw is None or raw == ():
+        return ()
+    try:
+        if not isinstance(raw, (dict, list, tuple)):
+            raise TypeError
+        return tuple(sorted(dict(raw).items()))
+    except (TypeError, ValueError):
+        raise JaxbenchError(f"{where}key 'scoring': must be a mapping of scoring settings, got {raw!r}") from None
 
 
 SIMS_DIR = Path(__file__).resolve().parents[2] / "sims"  # source-tree location; protocol_cards() searches the packaged cards
@@ -219,8 +258,6 @@ def load_protocol(name_or_path, dataset: str | None = None) -> Protocol:
     A card has top-level protocol keys (defaults) and optionally ``datasets: {name: {overrides}}``;
     with ``dataset`` given, its overrides apply (a card listing datasets refuses others).
     """
-    import yaml
-
     p = Path(name_or_path)
     if not p.is_file():
         cards = protocol_cards()
@@ -229,9 +266,10 @@ def load_protocol(name_or_path, dataset: str | None = None) -> Protocol:
 
             raise UnknownNameError("protocol card", str(name_or_path), cards)
         p = cards[str(name_or_path)]
-    with open(p) as fh:
-        card = yaml.safe_load(fh) or {}
+    card = _read_protocol_card(p)
     per = card.pop("datasets", None) or {}
+    if not isinstance(per, dict):
+        raise DataError(f"must be a mapping of dataset name -> overrides, got {per!r}", file=str(p), key="datasets")
     card.pop("description", None)
     card.setdefault("name", p.stem)
     if dataset is not None and per:
@@ -241,5 +279,30 @@ def load_protocol(name_or_path, dataset: str | None = None) -> Protocol:
                 dataset = max(fam, key=len)
         if dataset not in per:
             raise JaxbenchError(f"protocol card {p} has no entry for dataset '{dataset}' (it has: {', '.join(per)})")
+        if not isinstance(per[dataset] or {}, dict):
+            raise DataError(f"overrides must be a mapping, got {per[dataset]!r}", file=str(p), key=f"datasets.{dataset}")
         card.update(per[dataset] or {})
-    return Protocol.from_dict(card).validate()
+    try:
+        return Protocol.from_dict(card).validate()
+    except JaxbenchError as e:  # the card's file is what the user opens to fix it
+        raise DataError(str(e), file=str(p)) from None
+
+
+def _read_protocol_card(p: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(p, encoding="utf-8") as fh:
+            card = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        raise DataError(f"not valid YAML: {e}", file=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start}: {e.reason})", file=str(p)) from None
+    except OSError as e:
+        raise DataError(f"cannot read protocol card: {e.strerror}", file=str(p)) from None
+    if card is None:
+        raise DataError("protocol card is empty (a protocol states at least its ensemble, temperature and timestep)",
+                        file=str(p))
+    if not isinstance(card, dict):
+        raise DataError(f"a protocol card must be a mapping of protocol keys, got {type(card).__name__}", file=str(p))
+    return card

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import DataError, JaxbenchError
+from ..frames import check_cell
 from .potentials import EnergyModel
 
 MIN_DISTANCE = 0.1  # Å: closer atoms in a start are an overlap, refused
@@ -31,18 +32,20 @@ class Start:
 
     @staticmethod
     def make(positions, numbers, cell=None, pbc=False, replicas: int = 1, velocities=None) -> "Start":
-        pos = np.asarray(positions, np.float64)
+        pos = _array(positions, np.float64, "positions")
         if pos.ndim == 2:
             pos = np.broadcast_to(pos, (replicas, *pos.shape)).copy()
         if pos.ndim != 3 or pos.shape[2] != 3:
             raise JaxbenchError(f"positions must be [N, 3] or [R, N, 3], got {pos.shape}")
-        pbc = np.broadcast_to(np.asarray(pbc, bool), (3,)).copy()
-        cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, np.float64).reshape(3, 3)
-        numbers = np.asarray(numbers, np.int32).reshape(-1)
+        pbc = _shaped(_array(pbc, bool, "pbc"), (3,), "pbc")
+        cell = np.zeros((3, 3)) if cell is None else _array(cell, np.float64, "cell")
+        if cell.shape not in ((3, 3), (9,)):
+            raise DataError(f"cell has shape {cell.shape}, expected (3, 3) (rows are the lattice vectors)", key="cell")
+        numbers = _array(numbers, np.int32, "numbers").reshape(-1)
         if len(numbers) != pos.shape[1]:
             raise JaxbenchError(f"{len(numbers)} atomic numbers for {pos.shape[1]} atoms")
-        vel = None if velocities is None else np.broadcast_to(np.asarray(velocities, np.float64), pos.shape).copy()
-        return Start(pos, numbers, cell, pbc, vel)
+        vel = None if velocities is None else _shaped(_array(velocities, np.float64, "velocities"), pos.shape, "velocities")
+        return Start(pos, numbers, cell.reshape(3, 3), pbc, vel)
 
     @property
     def n_replicas(self) -> int:
@@ -51,6 +54,21 @@ class Start:
     @property
     def n_atoms(self) -> int:
         return self.positions.shape[1]
+
+
+def _array(value, dtype, key: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"cannot read {key} as {np.dtype(dtype).name} ({e})", key=key) from None
+
+
+def _shaped(a: np.ndarray, shape: tuple, key: str) -> np.ndarray:
+    """`a` broadcast to `shape` (a copy); a shape that does not broadcast names the key."""
+    try:
+        return np.broadcast_to(a, shape).copy()
+    except ValueError:
+        raise DataError(f"{key} has shape {a.shape}, which does not fit {shape}", key=key) from None
 
 
 def start_from_frames(frames, replicas: int, mode: str = "velocities", index: int = 0) -> Start:
@@ -82,9 +100,18 @@ def check_start(start: Start, model: EnergyModel) -> None:
     """Raise DataError for a start the model cannot run: species it lacks, non-finite or overlapping atoms."""
     from ..neighbors import neighbor_pairs
 
+    bad = (start.numbers < 1) | (start.numbers > 118)
+    if bad.any():
+        a = int(np.argmax(bad))
+        raise DataError(f"atomic number {start.numbers[a]} is not an element", key="numbers", atoms=a)
     model.check(start.numbers, where="initial frame")
-    if not np.all(np.isfinite(start.positions)):
-        raise DataError("initial positions are not finite")
+    for key in ("positions", "velocities"):
+        x = getattr(start, key)
+        if x is not None and not np.all(np.isfinite(x)):
+            r, a = (int(i) for i in np.argwhere(~np.isfinite(x).all(axis=-1))[0])
+            raise DataError(f"replica {r}: initial {key} are not finite: {x[r, a].tolist()}", key=key, atoms=a)
+    # A singular or left-handed cell would otherwise surface from the neighbour search without naming the cell.
+    check_cell(start.cell, start.pbc)
     for r in range(start.n_replicas):
         i, j, _, d = neighbor_pairs(start.positions[r], start.cell, start.pbc, MIN_DISTANCE)
         if len(i):

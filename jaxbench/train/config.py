@@ -114,10 +114,12 @@ class TrainingConfig:
     @staticmethod
     def from_card(card: dict) -> "TrainingConfig":
         name = card.get("name", "?")
+        # a card read from a file (`jaxbench.cards.read_card`) records it: name the file, as other card errors do
+        card_file = f" (file {card['_path']})" if card.get("_path") else ""
         t = card.get("training")
         if not isinstance(t, dict):
-            raise ConfigError(f"model card '{name}' has no training block")
-        where = f"model card '{name}': training"
+            raise ConfigError(f"model card '{name}'{card_file} has no training block")
+        where = f"model card '{name}'{card_file}: training"
         opt = str(t.get("optimizer", "adam")).lower()
         if opt not in OPTIMIZERS:
             raise ConfigError(f"{where}.optimizer: unknown optimizer {opt!r}; known: {', '.join(OPTIMIZERS)}")

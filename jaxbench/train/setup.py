@@ -125,8 +125,8 @@ def _plan_new(model, dataset, budget, max_epochs, seed, out, dtype, n_train, n_v
     card = read_model(model)
     if training:
         card["training"] = deep_update(card.get("training", {}), training)
+    cfg = TrainingConfig.from_card(card)  # before dropping `_path`, so that its errors name the card file
     card.pop("_path", None)
-    cfg = TrainingConfig.from_card(card)
     spec = data.get(dataset, data_dir)
     for sp in (train_split, val_split):
         if sp not in spec.splits:

@@ -1,0 +1,41 @@
+"""A small benchmark for tests/test_faults.py to kill: ``python tests/fault_bench.py WORKDIR OUT``.
+
+The quickstart's Lennard-Jones argon (data generated once into WORKDIR), mace-small trained for a fixed
+number of epochs (not a wall-clock budget, so an interrupted run has one right answer), 2 replicas x 300
+steps with the Lennard-Jones oracle. Every call continues what the previous ones left in OUT."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv):
+    import jax
+
+    import jaxbench
+
+    jax.config.update("jax_enable_x64", True)
+    jaxbench.use_cpu_devices(2)
+    from jaxbench import cards, quickstart
+    from jaxbench.bench import bench
+
+    work, out = Path(argv[0]), Path(argv[1])
+    if not (work / "cards" / "data" / f"{quickstart.DATASET}.yaml").is_file():
+        quickstart.generate_dataset(work, n_cells=2, equilibration_steps=500, progress=False)
+    cards.add_path(work / "cards")
+    bench(quickstart.model_card(), quickstart.DATASET, out, train_budget=None, max_epochs=2, n_train=40, n_val=10,
+          protocol=quickstart.protocol(), steps=300, replicas=2, oracle=quickstart.oracle(), progress=False,
+          plots=False)
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from jaxbench.errors import Interrupted
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
