@@ -54,6 +54,15 @@ class _Results:
         runs.write_json(self.path, self.data)
 
 
+def _previous_results(path: Path) -> dict:
+    """The results.json an earlier (maybe interrupted) run left, or {} (none, or unreadable)."""
+    try:
+        data = runs.read_json(path) if path.is_file() else {}
+    except Exception:  # noqa: BLE001 - a broken file only means nothing is reused
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def bench(
     model,
     dataset: str,
@@ -115,6 +124,7 @@ def bench(
 def _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle, reference_split, kw, *, n_test, plots,
                 seed, progress, data_dir) -> dict[str, Any]:
     oracle_name = getattr(oracle, "name", None) if oracle is not None else None
+    previous = _previous_results(out / "results.json")
     res = _Results(out / "results.json", {
         "jaxbench_bench": 1, "dataset": dataset, "periodic": spec.periodic, "started": time.time(),
         "protocol": proto.to_dict(), "settings": dataclasses.asdict(settings), "oracle": oracle_name,
@@ -125,7 +135,14 @@ def _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle
     res["training"] = training.section
     res["model"], res["architecture"], res["run_dir"] = training.model, training.architecture, str(run_dir)
 
-    res["accuracy"] = stages.evaluate_stage(run_dir, dataset, n_test=n_test, plots=plots, data_dir=data_dir).section()
+    # the test-set errors of these exact parameters are already known after an interrupted run: not redone
+    accuracy_key = dict(dataset=dataset, n_test=n_test, checkpoint_sha256=stages.best_checkpoint_sha256(run_dir))
+    if previous.get("accuracy_key") == accuracy_key and isinstance(previous.get("accuracy"), dict):
+        res["accuracy"] = previous["accuracy"]
+    else:
+        res["accuracy"] = stages.evaluate_stage(run_dir, dataset, n_test=n_test, plots=plots,
+                                                data_dir=data_dir).section()
+    res["accuracy_key"] = accuracy_key
 
     sim = stages.simulate_stage(run_dir, spec, proto, oracle=oracle, oracle_name=oracle_name,
                                 reference_split=reference_split, settings=settings, seed=seed, out=out,

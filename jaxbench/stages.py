@@ -108,6 +108,12 @@ class Accuracy:
         return {"split": self.split, "frames": self.frames, **self.metrics, "parity_plot": self.parity_plot}
 
 
+def best_checkpoint_sha256(run_dir: Path) -> str:
+    """sha256 of the parameters the benchmark evaluates and simulates (the run's best checkpoint)."""
+    _, meta = runs.find_checkpoint(run_dir, ("best", "best.prev", "last", "last.prev"), warn=False)
+    return str(meta["sha256"])
+
+
 def evaluate_stage(run_dir: Path, dataset: str, *, n_test: int | None, plots: bool, data_dir=None) -> Accuracy:
     """Energy and force errors of the run's best parameters on the test split (first `n_test` frames)."""
     from .evaluate import evaluate
@@ -425,15 +431,17 @@ def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int
     meta = metadynamics_of(proto, start.n_atoms)
     grid = np.linspace(-np.pi, np.pi, 72)  # OpenMM's grid: its last point is -pi's periodic image
     kT = proto.kT
-    ref_fes, ref_seconds = [], 0.0
+    ref_fes, ref_seconds, engine = [], 0.0, None
     for r in range(start.n_replicas):
         t0 = time.perf_counter()
-        ref = reference_metadynamics(start.positions[r], proto.steps, temperature_K=proto.temperature_K,
-                                     timestep_fs=proto.timestep_fs, height_kJ_mol=m.height_kJ_mol,
-                                     sigma_rad=m.sigma_rad, pace_steps=m.pace_steps(proto), bias_factor=m.bias_factor,
-                                     friction_per_ps=proto.friction_per_fs * 1000.0, seed=seed + r, grid=len(grid))
+        kw = dict(temperature_K=proto.temperature_K, timestep_fs=proto.timestep_fs, height_kJ_mol=m.height_kJ_mol,
+                  sigma_rad=m.sigma_rad, pace_steps=m.pace_steps(proto), bias_factor=m.bias_factor,
+                  friction_per_ps=proto.friction_per_fs * 1000.0, seed=seed + r, grid=len(grid))
+        fes, engine_r = _cached_reference_fes(out / "reference_fes_parts" / f"replica_{r:03d}.npz", start.positions[r],
+                                              proto.steps, kw, reference_metadynamics)
+        engine = engine or engine_r
         ref_seconds += time.perf_counter() - t0
-        ref_fes.append(ref["fes_eV"])
+        ref_fes.append(fes)
     ref_mean = np.mean(ref_fes, axis=0)
     ref_mean -= ref_mean.min()
     h = trajectory["hills"]
@@ -452,7 +460,7 @@ def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int
             per[k].append(v["mae_kJ_mol"])
     np.savez(out / "reference_fes.npz", grid_rad=grid, fes_eV=np.asarray(ref_fes), mean_fes_eV=ref_mean)
     section = {
-        "reference": f"OpenMM app.Metadynamics, same bias and start per replica ({ref['settings']['engine']}), "
+        "reference": f"OpenMM app.Metadynamics, same bias and start per replica ({engine}), "
                      "replicas' surfaces averaged",
         "reference_seconds": ref_seconds, "finished_runs": int((~failed).sum()), "runs": int(len(failed)),
         "hills_per_replica": [int(c) for c in h["count"]],
@@ -462,6 +470,30 @@ def score_free_energy(start, trajectory: dict, failed, spec, proto, *, seed: int
     }
     return FreeEnergyScore(section, dict(grid_rad=grid, reference_fes_eV=ref_mean, model_fes_eV=model_fes,
                                          model_cv_rad=_visited_cvs(trajectory, proto, failed, first_unstable_frame)))
+
+
+def _cached_reference_fes(path: Path, positions, steps: int, kw: dict, compute) -> tuple[np.ndarray, str]:
+    """One replica's reference F(phi), F(psi) (an OpenMM run of up to hours for FaNE's 5 ns), kept in
+    ``path`` once computed: a re-run benchmark (after an interruption) reuses it when nothing it depends on
+    changed. Returns (fes_eV, engine)."""
+    import json
+    import os
+
+    key = json.dumps(dict(kw, steps=int(steps), positions=np.asarray(positions, np.float64).round(12).tolist()),
+                     sort_keys=True)
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key:
+                    return np.asarray(z["fes_eV"]), str(z["engine"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or from another run: computed again
+    ref = compute(positions, steps, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, key=np.array(key), fes_eV=ref["fes_eV"], engine=np.array(ref["settings"]["engine"]))
+    os.replace(tmp, path)
+    return ref["fes_eV"], ref["settings"]["engine"]
 
 
 def _visited_cvs(trajectory: dict, proto, failed, first_unstable_frame) -> np.ndarray | None:

@@ -132,7 +132,7 @@ def test_bench_metrics_match_an_independent_recomputation(quickstart_run):
     assert st["wright_factor_pct"]["per_replica"][0] is None or st["wright_factor_pct"]["per_replica"][0] > 0
 
 
-def test_model_against_itself_scores_zero(quickstart_run):
+def test_model_against_itself_scores_zero(quickstart_run, monkeypatch):
     """With the trained model as its own oracle and one replica, the reference rollout is the model's
     rollout: EV = FV = 0 and the structure matches exactly."""
     from jaxbench import runs
@@ -151,11 +151,15 @@ def test_model_against_itself_scores_zero(quickstart_run):
     d, dref = res["dynamics"]["diffusivity_cm2_s"]["Ar"], res["dynamics"]["reference_diffusivity_cm2_s"]["Ar"]
     if d["mean"] is not None:
         np.testing.assert_allclose(d["mean"], dref["mean"], rtol=1e-8)
-    # run again into the same directory: both finished rollouts are reused, not recomputed
+    # run again into the same directory: the evaluation and both finished rollouts are reused, not recomputed
+    from jaxbench import stages
+
+    monkeypatch.setattr(stages, "evaluate_stage", lambda *a, **k: pytest.fail("evaluated again"))
     again = bench(None, DATASET, out / "self", run=r["run_dir"], protocol=protocol(), replicas=1, steps=100,
                   oracle=as_energy_model(pot, params), progress=False, plots=False)
     t = again["simulation"]["timings_s"]
     assert t["resumed_at_step"] == 100 and t["first_chunk_s"] == 0.0
+    assert again["accuracy"] == res["accuracy"] and again["accuracy_key"]["checkpoint_sha256"]
     assert again["violation"] == res["violation"] and again["structure"] == res["structure"]
 
 

@@ -172,6 +172,17 @@ def test_free_energy_score_of_a_finished_metadynamics_run(tmp_path, monkeypatch)
         assert all(v is not None and 0.5 < v < 100 for v in s["mae_kJ_mol"][k]["per_replica"]), s["mae_kJ_mol"]
     assert fe.arrays["reference_fes_eV"].shape == (72, 72)
     print(s["mae_kJ_mol"])
+    # scored again (a re-run benchmark): the stored reference surfaces are reused, not recomputed
+    import jaxbench.generate.openmm_metad as om
+
+    def no_openmm(*a, **k):
+        raise AssertionError("the reference metadynamics ran again")
+
+    monkeypatch.setattr(om, "reference_metadynamics", no_openmm)
+    again = stages.score_free_energy(start, trajectory.read(sim.path), sim.failed, spec, proto, seed=0, out=tmp_path)
+    assert again.section["mae_kJ_mol"] == s["mae_kJ_mol"]
+    with pytest.raises(AssertionError, match="ran again"):  # another seed is another reference
+        stages.score_free_energy(start, trajectory.read(sim.path), sim.failed, spec, proto, seed=1, out=tmp_path)
 
 
 def _water_like_box(rng, L: float):
