@@ -76,7 +76,11 @@ def train_stage(model, dataset: str, run_dir: Path, *, reuse: bool, train_kw: di
     ckpt = run_dir / "checkpoints"
     has_ckpt = ckpt.is_dir() and any(ckpt.iterdir())
     if has_ckpt and reuse:
-        summary = {"reused": True, "run_dir": str(run_dir)}
+        # the run's own summary (its last stop event), so a re-run benchmark reports the training as the first did
+        stops = [e for e in runs.read_log(run_dir) if e.get("event") == "stop"]
+        summary = {k: v for k, v in (stops[-1] if stops else {}).items()
+                   if k not in ("event", "time") and isinstance(v, (int, float, str, bool, type(None)))}
+        summary.update(reused=True, run_dir=str(run_dir))
     else:
         summary = train(model, dataset, out=run_dir, resume=has_ckpt, **train_kw)
         summary = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}
