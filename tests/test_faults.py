@@ -138,7 +138,7 @@ def without_timings(x):
 
 @pytest.mark.slow
 def test_bench_killed_twenty_times_gives_the_same_results(tmp_path):
-    """`bench` (train for 2 epochs, evaluate, oracle and model rollouts, scoring) SIGKILLed at 20 random
+    """`bench` (train for 2 epochs, evaluate, oracle and model rollouts, scoring) SIGKILLed at up to 20 random
     moments, re-run each time: results.json equals an uninterrupted run's apart from timings."""
     import json
 
