@@ -67,17 +67,24 @@ def card_dir(kind: str) -> Path:
     return Path(__file__).resolve().parents[1] / kind
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "card"):
+    """A YAML file's content; unreadable, non-UTF-8 or invalid YAML is a DataError naming the file."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            card = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise DataError(f"not valid YAML: {e}", file=str(path)) from None
     except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text (byte {e.start}: {e.reason}): a card is a UTF-8 YAML file", file=str(path)) from None
+        raise DataError(f"not UTF-8 text (byte {e.start}: {e.reason}): a {what} is a UTF-8 YAML file",
+                        file=str(path)) from None
     except OSError as e:
-        raise DataError(f"cannot read card: {e.strerror}", file=str(path)) from None
+        raise DataError(f"cannot read {what}: {e.strerror}", file=str(path)) from None
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    card = read_yaml(path)
     if not isinstance(card, dict) or "name" not in card:
         raise DataError("a card must be a mapping with a 'name'", file=str(path))
     card["_path"] = str(path)

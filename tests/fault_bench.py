@@ -6,7 +6,6 @@ steps with the Lennard-Jones oracle. Every call continues what the previous ones
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -32,10 +31,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from jaxbench.errors import Interrupted
+    from fault_sim import run_cli  # beside this script (its folder is on sys.path)
 
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    run_cli(main)

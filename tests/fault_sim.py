@@ -38,11 +38,16 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(main_fn):
+    """Exit as the jaxbench CLI does: 128 + signal after an interrupted run."""
     from jaxbench.errors import Interrupted
 
     try:
-        sys.exit(main(sys.argv[1:]))
+        sys.exit(main_fn(sys.argv[1:]))
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    run_cli(main)

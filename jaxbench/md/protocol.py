@@ -289,17 +289,9 @@ def load_protocol(name_or_path, dataset: str | None = None) -> Protocol:
 
 
 def _read_protocol_card(p: Path) -> dict[str, Any]:
-    import yaml
+    from ..cards import read_yaml
 
-    try:
-        with open(p, encoding="utf-8") as fh:
-            card = yaml.safe_load(fh)
-    except yaml.YAMLError as e:
-        raise DataError(f"not valid YAML: {e}", file=str(p)) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text (byte {e.start}: {e.reason})", file=str(p)) from None
-    except OSError as e:
-        raise DataError(f"cannot read protocol card: {e.strerror}", file=str(p)) from None
+    card = read_yaml(p, "protocol card")
     if card is None:
         raise DataError("protocol card is empty (a protocol states at least its ensemble, temperature and timestep)",
                         file=str(p))
