@@ -145,6 +145,8 @@ def test_model_against_itself_scores_zero(quickstart_run, monkeypatch):
     res = bench(None, DATASET, out / "self", run=r["run_dir"], protocol=protocol(), replicas=1, steps=100,
                 oracle=as_energy_model(pot, params), progress=False, plots=False)
     assert res["training"]["reused"]
+    # a reused run reports its own training summary, as the run that trained it did
+    assert res["training"]["stop_reason"] == r["training"]["stop_reason"] and res["training"]["step"] == r["training"]["step"]
     assert res["violation"]["EV"]["per_replica"][0] < 1e-20
     assert res["violation"]["FV"]["per_replica"][0] < 1e-10
     assert res["structure"]["wright_factor_pct"]["per_replica"][0] < 1e-8
