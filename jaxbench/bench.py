@@ -54,6 +54,9 @@ class _Results:
         runs.write_json(self.path, self.data)
 
 
+SCORES = ("structure", "stability", "violation", "oracle_on_model_frames", "dynamics", "free_energy")
+
+
 def _previous_results(path: Path) -> dict:
     """The results.json an earlier (maybe interrupted) run left, or {} (none, or unreadable)."""
     try:
@@ -149,22 +152,37 @@ def _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle
                                 progress=progress, data_dir=data_dir)
     res["simulation"] = sim.section
 
-    structure = stages.score_structure(sim, dataset, proto, settings)
-    res["structure"] = structure.section
-    res["stability"] = stages.score_stability(sim, proto, settings)
-    res["violation"] = stages.score_violations(sim, dataset, spec.trajectory, proto, data_dir)
-    if sim.reference.trajectory is not None:
-        res["oracle_on_model_frames"] = stages.score_oracle_on_model_frames(sim, oracle, oracle_name)
-    res["dynamics"] = stages.score_dynamics(sim, spec, settings)
-    free_energy = None
-    if proto.metadynamics is not None:
-        free_energy = stages.score_free_energy(sim.start, sim.trajectory, sim.section["failed"], spec, proto, seed=seed,
-                                               out=out, first_unstable_frame=sim.first_unstable_frame)
-        res["free_energy"] = free_energy.section
+    # scores are a pure function of the committed trajectories and the settings: an earlier run's are kept
+    # when those are byte for byte the same (and its plots were drawn, where plots are wanted)
+    scoring_key = dict(trajectories_sha256=stages.trajectories_sha256(out), protocol=proto.to_dict(),
+                       settings=dataclasses.asdict(settings), dataset=dataset, oracle=oracle_name, seed=seed)
+    scored = previous.get("scored")
+    if (previous.get("scoring_key") == scoring_key and isinstance(scored, list) and all(k in previous for k in scored)
+            and (not plots or stages.plots_present(out, previous.get("plots")))):
+        for k in scored:
+            res[k] = previous[k]
+        res["scores_reused"] = True
+        if plots:
+            res["plots"] = previous["plots"]
+    else:
+        structure = stages.score_structure(sim, dataset, proto, settings)
+        res["structure"] = structure.section
+        res["stability"] = stages.score_stability(sim, proto, settings)
+        res["violation"] = stages.score_violations(sim, dataset, spec.trajectory, proto, data_dir)
+        if sim.reference.trajectory is not None:
+            res["oracle_on_model_frames"] = stages.score_oracle_on_model_frames(sim, oracle, oracle_name)
+        res["dynamics"] = stages.score_dynamics(sim, spec, settings)
+        free_energy = None
+        if proto.metadynamics is not None:
+            free_energy = stages.score_free_energy(sim.start, sim.trajectory, sim.section["failed"], spec, proto,
+                                                   seed=seed, out=out, first_unstable_frame=sim.first_unstable_frame)
+            res["free_energy"] = free_energy.section
+        res["scored"], res["scores_reused"] = [k for k in SCORES if k in res.data], False
+        res["scoring_key"] = scoring_key
+        if plots:
+            res["plots"] = stages.plot_stage(out, res.data, sim, structure, free_energy, proto.kT)
     res["finished"] = time.time()
 
-    if plots:
-        res["plots"] = stages.plot_stage(out, res.data, sim, structure, free_energy, proto.kT)
     write_bench_report(out, res.data)
     return res.data
 

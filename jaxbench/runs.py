@@ -180,6 +180,19 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
     return meta
 
 
+def remove_stale_temporaries(run_dir) -> list[Path]:
+    """Delete what writers killed mid-write left in a run directory (``.NAME.tmp-PID`` files and checkpoint
+    directories); call with the run's lock held (nobody else is writing). Returns what was removed."""
+    removed = []
+    for d in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not d.is_dir():
+            continue
+        for p in d.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def save_checkpoint(run_dir, which: str, state: dict, meta: dict) -> Path:
     """Write checkpoint `which` ('last' or 'best') atomically; the previous complete one becomes `<which>.prev`."""
     from flax import serialization

@@ -316,6 +316,28 @@ def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str 
     )
 
 
+def trajectories_sha256(out: Path) -> dict[str, str]:
+    """sha256 of every trajectory (H5MD file) in a bench directory: what the scores are computed from."""
+    import hashlib
+
+    digests = {}
+    for p in sorted(Path(out).glob("*.h5")):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digests[p.name] = h.hexdigest()
+    return digests
+
+
+def plots_present(out: Path, plots) -> bool:
+    """Whether an earlier run's plot section names files that are all still there."""
+    if not isinstance(plots, dict) or not plots:
+        return False
+    files = [v for v in plots.values() if isinstance(v, str)]
+    return all((Path(out) / f).is_file() or Path(f).is_file() for f in files)
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. score
 # --------------------------------------------------------------------------------------------------

@@ -157,12 +157,23 @@ def test_model_against_itself_scores_zero(quickstart_run, monkeypatch):
     from jaxbench import stages
 
     monkeypatch.setattr(stages, "evaluate_stage", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(stages, "score_structure", lambda *a, **k: pytest.fail("scored again"))
     again = bench(None, DATASET, out / "self", run=r["run_dir"], protocol=protocol(), replicas=1, steps=100,
                   oracle=as_energy_model(pot, params), progress=False, plots=False)
     t = again["simulation"]["timings_s"]
     assert t["resumed_at_step"] == 100 and t["first_chunk_s"] == 0.0
     assert again["accuracy"] == res["accuracy"] and again["accuracy_key"]["checkpoint_sha256"]
     assert again["violation"] == res["violation"] and again["structure"] == res["structure"]
+    assert again["scores_reused"] and not res["scores_reused"] and again["dynamics"] == res["dynamics"]
+    # a changed trajectory is scored again
+    monkeypatch.undo()
+    import h5py
+
+    with h5py.File(out / "self" / "trajectory.h5", "a") as f:
+        f.attrs["touched"] = 1
+    third = bench(None, DATASET, out / "self", run=r["run_dir"], protocol=protocol(), replicas=1, steps=100,
+                  oracle=as_energy_model(pot, params), progress=False, plots=False)
+    assert not third["scores_reused"] and third["structure"] == res["structure"]
 
 
 def test_rdf_stability_runs_inside_the_md_engine(quickstart_run):

@@ -1,7 +1,7 @@
 """Fault injection: real `simulate` processes (tests/fault_sim.py) killed at seeded random moments and
 resumed until they finish; the trajectory must equal an uninterrupted run's bit for bit, and no
 temporary file or lock may remain. The default variant kills a few times; `-m slow` kills 20 times.
-(Training under SIGKILL: tests/test_train.py.)"""
+The same for `train` and `bench` (slow)."""
 
 from __future__ import annotations
 
@@ -49,23 +49,26 @@ def chunks_done(out) -> int:
         return 0
 
 
-def kill_and_resume(out, n_kills: int, timing: tuple, seed: int, *args) -> dict:
+def kill_and_resume(out, n_kills: int, timing: tuple, seed: int, *args, start=None, progress=None) -> dict:
     """SIGKILL a run ``n_kills`` times and resume it each time, then let it finish. Kill moments are drawn in
     the run's own time, so that the machine's load does not move them: every fourth kill at a random moment
     of the start-up (import, allocation, compile, first chunk), the others at a random chunk of what is
     left plus a random fraction of a chunk (inside the compiled chunk or while its frames and state are
-    being written). Returns where the kills landed."""
+    being written). ``start(out, *args)`` launches a resuming process and ``progress(out)`` counts its
+    committed units (default: tests/fault_sim.py and its chunks). Returns where the kills landed."""
+    start = start or (lambda o, *a: launch(o, "--resume", *a))
+    progress = progress or chunks_done
     first_s, chunk_s = timing
     rng = np.random.default_rng(seed)
     landed = {"during_start": 0, "mid_run": 0, "after_finish": 0}
     for k in range(n_kills):
-        done = chunks_done(out)
-        p = launch(out, "--resume", *args)
+        done = progress(out)
+        p = start(out, *args)
         if k % 4 == 0:
             time.sleep(float(rng.uniform(0.0, first_s)))
         else:
             target = done + 1 + int(rng.integers(0, 4))
-            while chunks_done(out) < target and p.poll() is None:
+            while progress(out) < target and p.poll() is None:
                 time.sleep(0.005)
             time.sleep(float(rng.uniform(0.0, chunk_s)))
         p.kill()
@@ -74,8 +77,8 @@ def kill_and_resume(out, n_kills: int, timing: tuple, seed: int, *args) -> dict:
             landed["after_finish"] += 1
             break
         assert p.returncode == -signal.SIGKILL, err
-        landed["mid_run" if chunks_done(out) > done else "during_start"] += 1
-    p = launch(out, "--resume", *args)
+        landed["mid_run" if progress(out) > done else "during_start"] += 1
+    p = start(out, *args)
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err
     return landed
@@ -120,6 +123,71 @@ def test_sigkill_twenty_times(tmp_path):
     assert landed["mid_run"] >= 10 and landed["after_finish"] == 0
     same_file(ref, out)
     assert leftovers(tmp_path) == []
+
+
+TRAIN = Path(__file__).with_name("fault_train.py")
+
+
+def launch_train(work, out, *args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(TRAIN), str(work), str(out), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def train_steps_done(out) -> int:
+    """The step of the run's newest complete `last` checkpoint (0 before the first)."""
+    from jaxbench import runs
+
+    try:
+        return int(runs.find_checkpoint(out, ("last", "last.prev"), warn=False)[1]["step"])
+    except Exception:  # noqa: BLE001 - not there yet
+        return 0
+
+
+@pytest.mark.slow
+def test_train_sigterm_then_killed_twenty_times(tmp_path):
+    """`train` (a checkpoint after every step, 2 data-parallel devices): SIGTERM once in its loop (it finishes
+    the step, checkpoints, exits 143), then SIGKILLed at 20 random moments and resumed each time: the final
+    parameters, EMA weights, optimiser state and best checkpoint equal an uninterrupted run's bit for bit."""
+    from jaxbench import runs
+
+    from .test_train import flat
+
+    work, args = tmp_path / "work", ("--epochs", "12")  # 72 steps
+    t0 = time.perf_counter()
+    p = launch_train(work, tmp_path / "warm", "--epochs", "1")  # generates the data once (not part of the timing)
+    assert p.wait(timeout=900) == 0, p.stderr.read()
+    t0 = time.perf_counter()
+    p = launch_train(work, tmp_path / "ref", *args)
+    while train_steps_done(tmp_path / "ref") < 1 and p.poll() is None:
+        time.sleep(0.01)
+    first = time.perf_counter() - t0
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err
+    step_s = (time.perf_counter() - t0 - first) / 71
+    out = tmp_path / "run"
+    p = launch_train(work, out, *args)
+    while train_steps_done(out) < 2:
+        assert p.poll() is None
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err and "stopped after step" in err
+    landed = kill_and_resume(out, 20, (first, step_s), 3, *args, start=lambda o, *a: launch_train(work, o, *a),
+                             progress=train_steps_done)
+    print("train kills:", landed)
+    assert landed["mid_run"] >= 10 and landed["after_finish"] == 0
+    for which in ("last", "best"):
+        a = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "ref", which))
+        b = runs.load_checkpoint(runs.checkpoint_dir(out, which))
+        for k in ("params", "ema_params", "opt_state"):
+            np.testing.assert_array_equal(flat(a[k]), flat(b[k]), err_msg=f"{which} {k}")
+    ra = runs.check_checkpoint(runs.checkpoint_dir(tmp_path / "ref", "last"))
+    rb = runs.check_checkpoint(runs.checkpoint_dir(out, "last"))
+    assert {k: ra[k] for k in ("step", "epoch", "best_epoch", "best_metric")} == {
+        k: rb[k] for k in ("step", "epoch", "best_epoch", "best_metric")}
+    assert leftovers(out) == [] and leftovers(out / "checkpoints") == []
 
 
 BENCH = Path(__file__).with_name("fault_bench.py")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,7 +181,7 @@ KW = dict(dataset="md17-ethanol", n_train=4, n_val=2, seed=3, progress=False, ch
 
 
 @requires_data
-def test_train_resume_exact_and_load_potential(tmp_path):
+def test_train_resume_exact_and_load_potential(tmp_path, monkeypatch):
     card = tiny_card()
     t0 = time.perf_counter()
     full = train(model=card, max_epochs=3, out=tmp_path / "full", budget=None, **KW)
@@ -217,6 +218,50 @@ def test_train_resume_exact_and_load_potential(tmp_path):
     c = runs.load_checkpoint(runs.checkpoint_dir(tmp_path / "mid", "last"))
     np.testing.assert_array_equal(flat(a["params"]), flat(c["params"]))
     assert [r["event"] for r in runs.read_log(tmp_path / "mid")].count("resume") == 1
+
+    # 3) SIGTERM / SIGINT (the deferred check, as the signal handler reports it): the step in flight finishes,
+    # `last` is written, Interrupted says how to resume. Safe points, in order: the top of epoch 0, after step 1
+    # (mid-epoch), the top of epoch 1 (2 steps per epoch), after step 3: the signal arrives before the 4th
+    # (stop mid-epoch at step 3) or the 3rd (stop at the end of epoch 0, step 2)
+    import contextlib
+
+    from jaxbench import interrupts
+    from jaxbench.errors import Interrupted
+
+    for name, nth, stops_at, batch in (("term-mid", 4, 3, 1), ("term-end", 3, 2, 0)):
+        d = tmp_path / name
+
+        @contextlib.contextmanager
+        def signal_after(active=True, nth=nth):
+            calls = []
+
+            def got():
+                calls.append(1)
+                return signal.SIGTERM if len(calls) >= nth else None
+            yield got
+
+        monkeypatch.setattr(interrupts, "deferred", signal_after)
+        with pytest.raises(Interrupted) as e:
+            train(model=card, max_epochs=3, out=d, budget=None, **KW)
+        assert e.value.exit_code == 143 and "--resume" in str(e.value)
+        meta = runs.check_checkpoint(runs.checkpoint_dir(d, "last"))
+        assert (meta["step"], meta["batch_in_epoch"]) == (stops_at, batch), name
+        assert [r for r in runs.read_log(d) if r["event"] == "interrupted"][0]["step"] == stops_at
+        monkeypatch.undo()
+        assert train(out=d, resume=True, budget=None, progress=False)["step"] == 6
+        t = runs.load_checkpoint(runs.checkpoint_dir(d, "last"))
+        for k in ("params", "ema_params", "opt_state"):
+            np.testing.assert_array_equal(flat(a[k]), flat(t[k]))
+
+    # resumed before any checkpoint was written (killed during its setup): the same run from step 0
+    fresh = tmp_path / "fresh"
+    train(model=card, max_epochs=1, out=fresh, budget=None, **KW)
+    shutil.rmtree(fresh / "checkpoints")
+    (fresh / "checkpoints").mkdir()
+    (fresh / "checkpoints" / ".last.tmp-999999").mkdir()  # a writer killed mid-write left this
+    assert train(out=fresh, resume=True, max_epochs=3, budget=None, progress=False)["step"] == 6
+    assert not list((fresh / "checkpoints").glob(".*tmp*"))
+    np.testing.assert_array_equal(flat(a["params"]), flat(runs.load_checkpoint(runs.checkpoint_dir(fresh, "last"))["params"]))
 
     # load_potential: EMA parameters of the best checkpoint, usable as they are
     from jaxbench import data

@@ -305,6 +305,7 @@ def simulate(
     With ``out``, SIGTERM and SIGINT let the chunk in flight finish and be committed with its state,
     then raise :class:`jaxbench.errors.Interrupted` (a second signal acts at once).
     """
+    from ..interrupts import deferred
     from ..locks import locked
 
     require_x64()
@@ -312,37 +313,9 @@ def simulate(
     protocol, model, out = _checked(model, start, protocol, params, cutoff, batch, out, overwrite, failure_fn, resume)
     # a second process writing the same trajectory gets a named error, not an interleaved file
     with locked(out, "trajectory", file=True) if out is not None else contextlib.nullcontext():
-        with _deferred_interrupts(out is not None) as interrupted:
+        with deferred(out is not None) as interrupted:
             return _simulate(model, start, protocol, params, seed, out, overwrite, keep_arrays, failure_fn, batch,
                              progress, callback, devices, metadata, resume, interrupted)
-
-
-@contextlib.contextmanager
-def _deferred_interrupts(active: bool):
-    """SIGTERM / SIGINT are noted, not acted on, until the chunk in flight is on disk (yields a function
-    returning the signal number or None). A second signal gets the default behaviour at once."""
-    import signal
-    import threading
-
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    got: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM)
-
-    def handler(signum, frame):
-        if got:
-            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-            signal.raise_signal(signum)
-            return
-        got.append(signum)
-
-    old = {s: signal.signal(s, handler) for s in sigs}
-    try:
-        yield lambda: got[0] if got else None
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _saved_state(out: Path, overwrite: bool):

@@ -18,7 +18,8 @@ from ..errors import DataError, JaxbenchError
 
 FS_PER_TIME_UNIT = 10.180505671156725  # sqrt(amu Å^2 / eV) in fs (= 1 / ase.units.fs)
 KB_EV_PER_K = 8.617333262e-5
-ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
+ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover", "npt_nose_hoover")
+EV_PER_A3_IN_BAR = 1.602176634e6  # 1 eV/Å^3 in bar
 MAX_TIMESTEP_FS = 5.0
 REPLICA_INITS = ("velocities", "frames", "fes_minima")
 
@@ -88,7 +89,13 @@ class Protocol:
     """One MD protocol (a ``sims/*.yaml`` card or built in Python). Times in fs, temperature in K.
 
     ensemble: 'nve' (velocity Verlet), 'nvt_langevin' (BAOAB, ``friction_per_fs``), or
-      'nvt_nose_hoover' (chain of ``chain_length``, coupling time ``tau_fs``, default 100 dt).
+      'nvt_nose_hoover' (chain of ``chain_length``, coupling time ``tau_fs``, default 100 dt), or
+      'npt_nose_hoover' (isotropic Martyna-Tuckerman-Klein barostat of jax-md: the cell keeps its shape
+      and scales with the volume; target ``pressure_bar``, barostat coupling time ``barostat_tau_fs``
+      (default 1000 dt), Nosé–Hoover chains of ``chain_length`` on both).
+    max_compression: NPT only: the largest relative volume decrease from the start the neighbour list
+      covers (its radius is cutoff / (1 - max_compression)^(1/3)); a replica compressed further is
+      stopped as failed ('volume'), never simulated with missing pairs.
     temperature_K: target (NVT) and initial Maxwell–Boltzmann temperature (all ensembles).
     replica_init: 'velocities' (one frame, distinct velocity seeds), 'frames' (distinct frames,
       spread evenly over the split, each with its own seed) or 'fes_minima' (with metadynamics: the
@@ -110,6 +117,9 @@ class Protocol:
     friction_per_fs: float = 0.01
     tau_fs: float | None = None
     chain_length: int = 3
+    pressure_bar: float = 1.01325
+    barostat_tau_fs: float | None = None
+    max_compression: float = 0.15
     save_every: int = 10
     chunk_steps: int = 100
     replica_init: str = "velocities"
@@ -155,6 +165,17 @@ class Protocol:
                 raise bad("tau_fs", f"Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
             if int(self.chain_length) < 1:
                 raise bad("chain_length", f"chain_length must be >= 1, got {self.chain_length}")
+        if self.ensemble == "npt_nose_hoover":
+            if self.tau_fs is not None and not self.tau_fs > 0:
+                raise bad("tau_fs", f"Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
+            if int(self.chain_length) < 1:
+                raise bad("chain_length", f"chain_length must be >= 1, got {self.chain_length}")
+            if not np.isfinite(self.pressure_bar):
+                raise bad("pressure_bar", f"pressure must be finite, got {self.pressure_bar}")
+            if self.barostat_tau_fs is not None and not (np.isfinite(self.barostat_tau_fs) and self.barostat_tau_fs > 0):
+                raise bad("barostat_tau_fs", f"barostat coupling time must be > 0 fs, got {self.barostat_tau_fs}")
+            if not 0 < self.max_compression < 0.9:
+                raise bad("max_compression", f"max_compression must be in (0, 0.9), got {self.max_compression}")
         if self.replica_init not in REPLICA_INITS:
             raise bad("replica_init", f"replica_init must be one of {', '.join(REPLICA_INITS)}, got '{self.replica_init}'")
         if self.replica_init == "fes_minima" and self.metadynamics is None:
@@ -177,6 +198,24 @@ class Protocol:
     @property
     def tau(self) -> float:
         return (100.0 * self.timestep_fs if self.tau_fs is None else float(self.tau_fs)) / FS_PER_TIME_UNIT
+
+    @property
+    def pressure(self) -> float:
+        """Target pressure in eV/Å^3."""
+        return float(self.pressure_bar) / EV_PER_A3_IN_BAR
+
+    @property
+    def barostat_tau(self) -> float:
+        return (1000.0 * self.timestep_fs if self.barostat_tau_fs is None else float(self.barostat_tau_fs)) / FS_PER_TIME_UNIT
+
+    @property
+    def npt(self) -> bool:
+        return self.ensemble == "npt_nose_hoover"
+
+    @property
+    def list_radius_factor(self) -> float:
+        """Neighbour-list radius / model cutoff: 1, or under NPT enough for the most compressed cell covered."""
+        return (1.0 - float(self.max_compression)) ** (-1.0 / 3.0) if self.npt else 1.0
 
     @property
     def gamma(self) -> float:

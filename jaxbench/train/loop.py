@@ -50,6 +50,7 @@ class Loop:
                             for i in range(0, len(fg_val), vbs)]
         self.pending = None  # (loss, sums, step, epoch, batch) of the last step dispatched, not yet checked
         self.stop_reason = None
+        self.interrupted = lambda: None  # train() sets the deferred SIGTERM / SIGINT check
 
     # -- the run directory ---------------------------------------------------------------------
     def log(self, **event):
@@ -58,10 +59,13 @@ class Loop:
     def start_or_resume(self):
         """Fresh start (logged) or the last complete checkpoint's state and host counters."""
         plan, prep = self.plan, self.prep
-        if not plan.resume:
+        runs.remove_stale_temporaries(self.out)
+        # resumed before its first checkpoint (killed in setup or in its first steps): the same run from step 0
+        fresh = plan.resume and not any(runs.checkpoint_dir(self.out, w).exists() for w in CHECKPOINTS)
+        if not plan.resume or fresh:
             self.log(event="start", model=plan.card["name"], dataset=plan.dataset, seed=plan.seed,
                      n_train=len(prep.train_frames), n_val=len(prep.val_frames), dtype=plan.dtype,
-                     parameters=prep.pot.num_parameters(self.state["params"]))
+                     parameters=prep.pot.num_parameters(self.state["params"]), **({"resumed": True} if fresh else {}))
             return
         path, meta = runs.find_checkpoint(self.out, CHECKPOINTS)
         try:
@@ -183,6 +187,10 @@ class Loop:
             if budget_s is not None and self.elapsed() >= budget_s:
                 self.stop_reason = "budget"
                 return
+            if b + 1 < prep.steps_per_epoch and self.interrupted() is not None:
+                self.settle()
+                self.save("last")
+                self.stop_interrupted()
             if b + 1 < prep.steps_per_epoch and (
                 (plan.checkpoint_every and host["step"] % plan.checkpoint_every == 0)
                 or (self.checkpoint_every_s and time.perf_counter() - self.t_last_ckpt >= self.checkpoint_every_s)
@@ -192,6 +200,17 @@ class Loop:
                 self.t_last_ckpt = time.perf_counter()
                 if self.pause_after_checkpoint:
                     time.sleep(self.pause_after_checkpoint)
+
+    def stop_interrupted(self):
+        """SIGTERM / SIGINT arrived: `last` holds the state after the last step; say so and stop."""
+        from ..errors import Interrupted
+
+        host, sig = self.host, self.interrupted()
+        self.log(event="interrupted", signal=sig, step=host["step"], epoch=host["epoch"],
+                 batch_in_epoch=host["batch_in_epoch"], elapsed_s=self.elapsed())
+        raise Interrupted(sig, f"training run {self.out} stopped after step {host['step']} (epoch {host['epoch']}, "
+                          f"batch {host['batch_in_epoch']}; signal {sig}); its state is checkpointed: continue with "
+                          f"resume=True / `jaxbench train --out {self.out} --resume`")
 
     def progress_bar(self, last_loss, lr):
         host, budget_s, bar = self.host, self.plan.budget_s, self.bar
@@ -275,6 +294,8 @@ class Loop:
         self.t_last_ckpt = time.perf_counter()
         try:
             while self.stop_reason is None:
+                if self.interrupted() is not None:  # arrived during the last epoch's end: `last` is that epoch's
+                    self.stop_interrupted()
                 if plan.max_epochs is not None and host["epoch"] >= plan.max_epochs:
                     self.stop_reason = "max_epochs"
                     break
@@ -328,7 +349,9 @@ def train(
     frames of the splits (tests, budgets). `training` is merged over the card's training block.
     `checkpoint_every` (steps) / `checkpoint_every_s` (seconds) also write `last` inside an epoch.
     With `resume`, the run in `out` continues exactly where its last complete checkpoint left it
-    (budget / max_epochs may be raised). `devices`: split every batch over this many local devices
+    (budget / max_epochs may be raised; a run stopped before its first checkpoint starts again from step 0).
+    SIGTERM / SIGINT finish the step in flight, checkpoint `last` and raise
+    :class:`jaxbench.errors.Interrupted` (a second signal acts at once). `devices`: split every batch over this many local devices
     (data-parallel, same updates as one device up to summation order; default: all local devices, at
     most the batch size; on a CPU see `jaxbench.use_cpu_devices`). `swa_on_budget`: the second phase
     starts at the card's fraction of the budget too (default), or only at its fraction of max_epochs
@@ -340,10 +363,13 @@ def train(
                     train_split=train_split, val_split=val_split, training=training, statistics=statistics,
                     checkpoint_every=checkpoint_every, swa_on_budget=swa_on_budget, devices=devices,
                     data_dir=data_dir)
-    with runs.locked(plan.out, "training run"):
+    from ..interrupts import deferred
+
+    with runs.locked(plan.out, "training run"), deferred() as interrupted:
         prep = prepare(plan, data_dir)
         write_run_files(plan, prep, checkpoint_every_s)
         loop = Loop(plan, prep, checkpoint_every_s=checkpoint_every_s, pause_after_checkpoint=pause_after_checkpoint,
                     progress=progress)
+        loop.interrupted = interrupted
         loop.start_or_resume()
         return loop.run()
