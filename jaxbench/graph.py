@@ -343,11 +343,13 @@ def graph_from_atoms(atoms, cutoff: float, policy: PaddingPolicy = DEFAULT_POLIC
     return graph_from_frames(frames_from_atoms(atoms_list), cutoff, policy=policy)
 
 
-def md_graph(positions, species, cell, pbc, neighbors) -> Graph:
+def md_graph(positions, species, cell, pbc, neighbors, select=None) -> Graph:
     """A single-structure `Graph` around an MD neighbour list (jittable; shapes fixed by the list).
 
     `neighbors` comes from `jaxbench.neighbors.md_neighbor_list`; its padding index is N (one past
-    the last atom), so the graph gets exactly one padding node at N and one padding graph.
+    the last atom), so the graph gets exactly one padding node at N and one padding graph. `select`:
+    (positions, cell) in the frame the list was built in, when that is not this one (NPT: the start
+    cell); which stored pairs become edges is decided there, as the list's own overflow check did.
     """
     positions = jnp.asarray(positions)
     n = positions.shape[0]
@@ -359,7 +361,8 @@ def md_graph(positions, species, cell, pbc, neighbors) -> Graph:
     if neighbors.edge_capacity:  # only the pairs within the cutoff (see neighbors.md_neighbor_list)
         from .neighbors import edges_within_cutoff
 
-        senders, receivers, shifts, mask = edges_within_cutoff(positions, neighbors, cell[0])
+        sel_pos, sel_cell = (positions, cell[0]) if select is None else select
+        senders, receivers, shifts, mask = edges_within_cutoff(sel_pos, neighbors, sel_cell)
     else:
         senders, receivers, shifts, mask = neighbors.senders, neighbors.receivers, neighbors.shifts, neighbors.mask
     e = mask.shape[0]

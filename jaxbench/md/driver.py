@@ -21,7 +21,7 @@ from ..compiled import check as check_compiled
 from ..errors import Interrupted, JaxbenchError, NeighborListError
 from ..metadynamics import check_hills
 from .engine import Engine, chunk_fn, compiled_engine, neighbor_fns, require_x64
-from .failures import as_hook, describe_failure
+from .failures import FailureHook, as_hook, describe_failure
 from .potentials import EnergyModel, as_energy_model
 from .protocol import FS_PER_TIME_UNIT, Protocol
 from .start import Start, bonds as replica_bonds, check_start, replica_keys
@@ -102,10 +102,15 @@ class _Chunks:
         # (positions, multiplier) of the last allocation: a resumed run re-allocates from them, so its
         # list has the same capacity and its chunk is the same compiled program
         self.alloc = alloc or (np.asarray(start.positions), float(protocol.capacity_multiplier))
-        nl, self.nbrs, self.mult = allocate_batch(start.cell, start.pbc, model.cutoff, protocol.skin, self.alloc[1],
-                                                  self.alloc[0])
+        nl, self.nbrs, self.mult = allocate_batch(start.cell, start.pbc, self.list_radius, protocol.skin,
+                                                  self.alloc[1], self.alloc[0])
         self.eng, self.compiled = compiled_engine(protocol, model, start, nl, failure_fn, batch, devices)
         self.n_realloc = n_realloc
+
+    @property
+    def list_radius(self) -> float:
+        """The neighbour list's cutoff (NPT: wide enough for the most compressed cell it covers)."""
+        return float(self.model.cutoff) * self.protocol.list_radius_factor
 
     def run(self, params, carry, bonds, n_save: int):
         """One chunk from ``carry``; an overflowing list is re-allocated and the chunk re-run from ``carry``."""
@@ -115,8 +120,8 @@ class _Chunks:
                 return new_carry, obs
             self.n_realloc += 1
             st, p = self.start, self.protocol
-            self.alloc = (np.asarray(carry[0].position), self.mult * 1.5)
-            nl, nbrs_new, self.mult = allocate_batch(st.cell, st.pbc, self.model.cutoff, p.skin, self.alloc[1],
+            self.alloc = (np.asarray(self.eng.list_positions(carry[0])), self.mult * 1.5)
+            nl, nbrs_new, self.mult = allocate_batch(st.cell, st.pbc, self.list_radius, p.skin, self.alloc[1],
                                                      self.alloc[0])
             self.eng, self.compiled = compiled_engine(p, self.model, st, nl, self.failure_fn, self.batch, self.devices)
             carry = (carry[0], nbrs_new) + tuple(carry[2:])
@@ -135,8 +140,12 @@ class _Recorder:
         elif out is not None:
             from ..trajectory import TrajectoryWriter
 
-            extra = {"bias_energy": ((), "eV"), "cv": ((len(protocol.metadynamics.dihedrals),), "rad")} \
-                if protocol.metadynamics is not None else None
+            extra = {}
+            if protocol.metadynamics is not None:
+                extra.update(bias_energy=((), "eV"), cv=((len(protocol.metadynamics.dihedrals),), "rad"))
+            if protocol.npt:
+                extra.update(volume=((), "angstrom3"), pressure=((), "bar"), box_edges=((3, 3), "angstrom"))
+            extra = extra or None
             self.writer = TrajectoryWriter(out, start.numbers, masses, start.cell, start.pbc, start.n_replicas,
                                            protocol.timestep_fs, metadata=metadata, overwrite=overwrite,
                                            extra_observables=extra)
@@ -203,6 +212,15 @@ def _checked(model, start: Start, protocol: Protocol, params, cutoff, batch: str
                             "resume=True / --resume to continue it)")
     check_start(start, model)
     as_hook(failure_fn)  # a wrong kind of criterion is named before any compute
+    if protocol.npt:
+        where = f"protocol '{protocol.name}'" if protocol.name else "protocol"
+        if not np.all(start.pbc):
+            raise JaxbenchError(f"{where}: ensemble 'npt_nose_hoover' needs a cell periodic along all three axes, "
+                                f"the start has pbc={np.asarray(start.pbc).tolist()}")
+        if isinstance(failure_fn, FailureHook):
+            raise JaxbenchError(f"{where}: a FailureHook (e.g. the RDF criterion) judges frames against the start "
+                                "cell, which NPT changes; pass a plain failure_fn(state) (simulate.npt_box(state) is "
+                                "the cell) or none")
     return protocol, model, out
 
 

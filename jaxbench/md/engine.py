@@ -16,12 +16,19 @@ import numpy as np
 
 from ..compiled import register as register_compiled
 from ..errors import JaxbenchError
-from .failures import PADDING_REPLICA, FailureHook, apply_hook, as_hook, failure_mask
+from .failures import PADDING_REPLICA, VOLUME_BIT, FailureHook, apply_hook, as_hook, failure_mask
 from .bias import metadynamics_of
 from .integrators import integrator
 from .potentials import EnergyModel
-from .protocol import FS_PER_TIME_UNIT, KB_EV_PER_K, Protocol
+from .protocol import EV_PER_A3_IN_BAR, FS_PER_TIME_UNIT, KB_EV_PER_K, Protocol
 from .start import Start
+
+
+def npt_box(state):
+    """The cell of an NPT state (jax-md's ``simulate.npt_box``: the reference cell scaled with the volume)."""
+    from jax_md import simulate
+
+    return simulate.npt_box(state)
 
 
 def require_x64():
@@ -54,15 +61,40 @@ class Engine:
     # memory, hills): hills is the metadynamics buffer, a placeholder scalar without a bias.
 
     # -- physics -------------------------------------------------------------------------------
-    def energy(self, R, neighbor=None, params=None, hills=None, **unused):
-        """The model's energy, plus the bias when ``hills`` are given (jax-md passes them through)."""
+    def energy(self, R, neighbor=None, params=None, hills=None, box=None, perturbation=None, **unused):
+        """The model's energy, plus the bias when ``hills`` are given (jax-md passes them through).
+        NPT: ``box`` is the cell of this step (the start cell scaled, rows = lattice vectors) and
+        ``perturbation`` jax-md's isotropic strain ``1 + eps`` (its dU/d eps is the virial)."""
+        import jax.numpy as jnp
+
         from ..graph import md_graph
 
-        g = md_graph(R, self.numbers, self.cell, self.pbc, neighbor)
+        cell, select = self.cell, None
+        if box is not None:
+            cell = box
+            select = (R / self.box_scale(box), jnp.asarray(self.cell, R.dtype))  # the list's own frame
+        if perturbation is not None:
+            R, cell = R * perturbation, cell * perturbation
+        g = md_graph(R, self.numbers, cell, self.pbc, neighbor, select=select)
         e = self.model.fn(params, g)
         if self.bias is not None and hills is not None:
             e = e + self.bias_energy(R, hills)
         return e
+
+    def box_scale(self, box):
+        """Linear scale of an NPT cell against the start cell."""
+        import jax.numpy as jnp
+
+        return jnp.cbrt(jnp.linalg.det(box) / float(np.linalg.det(self.cell)))
+
+    def list_positions(self, state):
+        """Positions as the neighbour list sees them: under NPT scaled back to the start cell (the integer
+        image shifts of a pair stay valid while the cell scales), else the positions. Single or batched."""
+        if not self.protocol.npt:
+            return state.position
+        import jax.numpy as jnp
+
+        return state.position / jnp.exp(state.box_position)[..., None, None]
 
     def bias_energy(self, R, hills):
         from ..metadynamics import bias_at
@@ -96,22 +128,31 @@ class Engine:
         import jax
         import jax.numpy as jnp
 
-        pe = self.energy(state.position, neighbor=nbrs, params=params)
+        box = npt_box(state) if self.protocol.npt else None
+        pe = self.energy(state.position, neighbor=nbrs, params=params, box=box)
         ke = 0.5 * jnp.sum(state.momentum**2 / state.mass)
         n = state.position.shape[0]
         temp = 2.0 * ke / (3 * n * KB_EV_PER_K)
         conserved = pe + ke
-        if self.protocol.ensemble == "nvt_nose_hoover":
-            c = state.chain
-            kT = self.protocol.kT
+        kT = self.protocol.kT
+        if self.protocol.ensemble in ("nvt_nose_hoover", "npt_nose_hoover"):
+            c = state.chain if self.protocol.ensemble == "nvt_nose_hoover" else state.thermostat
             conserved = conserved + c.momentum[0] ** 2 / (2 * c.mass[0]) + 3 * n * kT * c.position[0]
             conserved = conserved + jnp.sum(c.momentum[1:] ** 2 / (2 * c.mass[1:]) + kT * c.position[1:])
         force, extra = state.force, {}
+        if box is not None:  # jax-md's npt_nose_hoover_invariant, and the virial pressure (kinetic + dU/d eps)
+            b = state.barostat
+            volume = jnp.abs(jnp.linalg.det(box))
+            conserved = conserved + jnp.sum(b.momentum**2 / (2 * b.mass) + kT * b.position)
+            conserved = conserved + self.protocol.pressure * volume + state.box_momentum**2 / (2 * state.box_mass)
+            dU = jax.grad(lambda e: self.energy(state.position, neighbor=nbrs, params=params, box=box,
+                                                perturbation=1.0 + e))(jnp.zeros((), box.dtype))
+            extra = dict(volume=volume, pressure=(2.0 * ke - dU) / (3.0 * volume) * EV_PER_A3_IN_BAR, box_edges=box)
         if self.bias is not None:
             vb, gb = jax.value_and_grad(self.bias_energy)(state.position, hills)
             force = force + gb  # state.force is -grad(model + bias)
             conserved = conserved + vb
-            extra = dict(bias_energy=vb, cv=self.bias.cv_fn(state.position))
+            extra = dict(extra, bias_energy=vb, cv=self.bias.cv_fn(state.position))
         return dict(
             position=state.position,
             velocity=state.momentum / state.mass / FS_PER_TIME_UNIT,
@@ -125,7 +166,13 @@ class Engine:
 
     def check(self, state, bonds):
         """Failure bit mask (int32) of one replica's state."""
-        return failure_mask(state, bonds)
+        bad = failure_mask(state, bonds)
+        if self.protocol.npt:  # compressed past what the neighbour list covers: stopped, not run with missing pairs
+            import jax.numpy as jnp
+
+            smallest = np.log(1.0 - float(self.protocol.max_compression)) / 3.0  # box_position = ln(linear scale)
+            bad = bad | jnp.where(state.box_position < smallest, VOLUME_BIT, 0).astype(bad.dtype)
+        return bad
 
     # -- one replica ---------------------------------------------------------------------------
     def chunk_one(self, params, carry, bonds, n_save: int):
@@ -147,7 +194,7 @@ class Engine:
             def advance(args):
                 state, nbrs, hills = args
                 new = apply_fn(state, neighbor=nbrs, params=params, hills=hills)
-                new_nbrs = update(new.position, nbrs)
+                new_nbrs = update(self.list_positions(new), nbrs)
                 bad = self.check(new, bonds)
                 new_hills = self.deposit(hills, new.position, k + 1)
                 return (where(bad != 0, state, new), where(bad != 0, nbrs, new_nbrs), where(bad != 0, hills, new_hills),
@@ -242,9 +289,10 @@ class Engine:
         def step(c, _):
             state, nbrs, reason, fstep, k, mem, hills = c
             new = jax.vmap(lambda s, nb, h: apply_fn(s, neighbor=nb, params=params, hills=h))(state, nbrs, hills)
-            need = jax.vmap(lambda x, nb: needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(new.position, nbrs)
+            lp = self.list_positions(new)
+            need = jax.vmap(lambda x, nb: needs_rebuild(lax.stop_gradient(x), nb.reference_positions, skin))(lp, nbrs)
             check = jax.vmap(self.nl.check) if self.nl.check is not None else (lambda x, n: n)
-            new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(new.position, n), lambda n: check(new.position, n), nbrs)
+            new_nbrs = lax.cond(jnp.any(need), lambda n: jax.vmap(update)(lp, n), lambda n: check(lp, n), nbrs)
             bad = jax.vmap(self.check)(new, bonds)
             bad = jnp.where(reason != 0, 0, bad)
             keep = (reason != 0) | (bad != 0)
@@ -271,8 +319,10 @@ class Engine:
         mass = self.masses
         kT = self.protocol.kT
 
+        box = {"box": np.asarray(self.cell, np.float64)} if self.protocol.npt else {}  # NPT: the reference cell
+
         def one(key, R, P, nb):
-            return init_fn(key, R, mass=mass, kT=kT, momenta=P, neighbor=nb, params=params)
+            return init_fn(key, R, mass=mass, kT=kT, momenta=P, neighbor=nb, params=params, **box)
 
         if momenta is None:
             return jax.vmap(lambda k, R, nb: one(k, R, None, nb))(keys, positions, nbrs)

@@ -16,7 +16,9 @@ from ..errors import JaxbenchError
 from .protocol import KB_EV_PER_K
 
 # failure_reason bit mask
-FAILURE_REASONS = {1: "non-finite", 2: "temperature", 4: "bond", 8: "structural criterion (hook)"}
+FAILURE_REASONS = {1: "non-finite", 2: "temperature", 4: "bond", 8: "structural criterion (hook)",
+                   16: "volume (NPT cell compressed beyond the protocol's max_compression)"}
+VOLUME_BIT = 16
 T_MIN, T_MAX, BOND_STRETCH = 0.1, 1e5, 0.5
 PADDING_REPLICA = 1 << 30  # failure bit of the frozen copies that pad a replica batch over devices (never returned)
 
