@@ -51,6 +51,19 @@ def cmd_bench(args) -> int:
 
     if args.model is None and args.run is None:
         raise JaxbenchError("bench needs --model CARD (to train) or --run RUN (a trained run directory)")
+    if args.task == "ms25":
+        from .ms25 import PARTS, run_ms25, summary_lines
+
+        out = args.out or f"bench/{args.model}-ms25"
+        sizes = [int(x) for x in args.rate_sizes.split(",")] if args.rate_sizes else None
+        res = run_ms25(args.model, out, budget=args.train_budget, max_epochs=args.max_epochs,
+                       parts=args.parts.split(",") if args.parts else PARTS, compositions=args.compositions,
+                       rate_dataset=args.rate_dataset, **({"rate_sizes": sizes} if sizes else {}),
+                       rate_n_test=args.n_test or 500, seed=args.seed, n_val=args.n_val, data_dir=args.data_dir,
+                       progress=not args.quiet)
+        print("\n".join(summary_lines(res)))
+        print(f"results: {Path(out) / 'ms25.json'}; tables: jaxbench report {out} --paper ms25")
+        return 0
     if args.task:
         from .tasks import run_task
 
@@ -101,7 +114,11 @@ def add_commands(sub) -> None:
     pb.add_argument("--model", help="model card (see `jaxbench models list`)")
     pb.add_argument("--dataset", help="dataset (see `jaxbench data list`)")
     pb.add_argument("--task", help="named out-of-distribution task instead of --dataset: 3bpa-600k, acac-600k, "
-                                   "lips20-ood, md17-transfer-<a>-to-<b>")
+                                   "lips20-ood, md17-transfer-<a>-to-<b>, ms25 (materials observables against EMT)")
+    pb.add_argument("--parts", help="--task ms25: comma-separated parts (default hea,surface,extensivity,rate)")
+    pb.add_argument("--compositions", type=int, default=50, help="--task ms25: random alloys for the EOS (default 50)")
+    pb.add_argument("--rate-dataset", default="md17-ethanol", help="--task ms25: dataset of the training-rate part")
+    pb.add_argument("--rate-sizes", help="--task ms25: training-set sizes, comma-separated (default 50,100,200,400,800)")
     pb.add_argument("--run", help="reuse this trained run directory instead of training")
     pb.add_argument("--train-budget", default="60m", help="training wall-clock budget (default 60m)")
     pb.add_argument("--max-epochs", type=int)
@@ -125,6 +142,6 @@ def add_commands(sub) -> None:
     pr = sub.add_parser("report", help="EGraFFBench-style Tables 1-4 over benchmark directories, beside the paper's values")
     pr.add_argument("benchmarks", nargs="+", help="directories written by `jaxbench bench` (or their results.json)")
     pr.add_argument("--out", help="write report.md and table*.csv here")
-    pr.add_argument("--paper", default="egraffbench", choices=["egraffbench", "fu2023"],
+    pr.add_argument("--paper", default="egraffbench", choices=["egraffbench", "fu2023", "ms25"],
                     help="whose tables: EGraFFBench's Tables 1-4 (default) or FaNE's (fu2023: Tables 4-6, 8, 9, 11)")
     pr.set_defaults(func=cmd_report)

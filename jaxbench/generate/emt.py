@@ -107,29 +107,26 @@ def hea_emt(frames: int, seed: int, log=None, compositions=DEFAULT_COMPOSITIONS,
                      groups=groups)
 
 
-@register("surface-emt", default_frames=200, title="EMT fcc(100) slab with an adatom")
-def surface_emt(frames: int, seed: int, log=None, metal="Cu", adatom="Cu", size=(3, 3, 3), temperature_K=500.0,
-                neb_images=7, md_every=10, timestep_fs=2.0, vacuum=6.0) -> Generated:
-    """Adatom on fcc(100): hollow -> neighbouring hollow hop (ASE's diffusion tutorial), frames along the NEB path
-    (relaxed with EMT) plus MD snapshots."""
+def adatom_hop(metal="Cu", adatom="Cu", size=(3, 3, 3), vacuum=6.0, neb_images=7):
+    """The hollow -> neighbouring hollow hop of an adatom on fcc(100) (ASE's diffusion tutorial): the end
+    points relaxed with EMT (bottom layer fixed: ``FixAtoms`` kept on them) and the EMT climbing-image NEB
+    path between them (``neb_images`` images including both ends). Deterministic: the dataset's NEB frames
+    and the MS25 barrier task start from the same band."""
     from ase.build import add_adsorbate, fcc100
     from ase.calculators.emt import EMT
     from ase.constraints import FixAtoms
     from ase.mep import NEB
     from ase.optimize import BFGS
 
-    rng = np.random.default_rng(seed)
     slab = fcc100(metal, size=size, vacuum=vacuum)
     add_adsorbate(slab, adatom, 1.7, "hollow")
-    nlayer = size[0] * size[1]
-    fix = FixAtoms(indices=list(range(nlayer)))  # bottom layer fixed
+    fix = FixAtoms(indices=list(range(size[0] * size[1])))  # bottom layer fixed
     initial = slab.copy()
     initial.set_constraint(fix)
     initial.calc = EMT()
     BFGS(initial, logfile=None).run(fmax=0.02)
     final = initial.copy()
-    a = slab.cell[0, 0] / size[0]
-    final.positions[-1, 0] += a
+    final.positions[-1, 0] += slab.cell[0, 0] / size[0]
     final.calc = EMT()
     BFGS(final, logfile=None).run(fmax=0.02)
     images = [initial] + [initial.copy() for _ in range(neb_images - 2)] + [final]
@@ -139,6 +136,22 @@ def surface_emt(frames: int, seed: int, log=None, metal="Cu", adatom="Cu", size=
     neb.interpolate()
     BFGS(neb, logfile=None).run(fmax=0.05, steps=300)
     path = [im.copy() for im in images]
+    ends = []
+    for a in (initial, final):
+        b = a.copy()
+        b.set_constraint(fix)
+        ends.append(b)
+    return ends[0], ends[1], path
+
+
+@register("surface-emt", default_frames=200, title="EMT fcc(100) slab with an adatom")
+def surface_emt(frames: int, seed: int, log=None, metal="Cu", adatom="Cu", size=(3, 3, 3), temperature_K=500.0,
+                neb_images=7, md_every=10, timestep_fs=2.0, vacuum=6.0) -> Generated:
+    """Adatom on fcc(100): hollow -> neighbouring hollow hop (ASE's diffusion tutorial), frames along the NEB path
+    (relaxed with EMT) plus MD snapshots."""
+    rng = np.random.default_rng(seed)
+    initial, final, path = adatom_hop(metal, adatom, size, vacuum, neb_images)
+    fix = initial.constraints[0]
     for p in path:
         p.set_constraint()
     n_neb = min(len(path), frames)
