@@ -43,6 +43,28 @@ Data training rate (:func:`training_rate`) — MS25 Table 8
     Dimensionless; needs >= 3 points for an error.
 Speed — MS25 Figure 7
     katoms/s = atom-steps/s / 1000 (:func:`katoms_per_s`, :func:`inference_speed`).
+Volume at temperature — MS25's zeolite / crystal volume error (:func:`volume_at_temperature`)
+    The mean cell volume of an isotropic NPT run (the cell keeps its shape, scales with the volume):
+    the oracle through ASE's ``IsotropicMTKNPT`` with an ASE calculator (:func:`npt_volume_ase`), the
+    model through ``jaxbench.md.simulate`` with ``ensemble="npt_nose_hoover"`` (jax-md's isotropic MTK;
+    :func:`npt_volume_jaxbench`) — the same
+    Martyna-Tuckerman-Klein equations, Nosé-Hoover chains (3) on particles and barostat, coupling
+    times ``tdamp_fs`` / ``tau_fs`` (default 100 dt) and ``pdamp_fs`` / ``barostat_tau_fs`` (default
+    1000 dt; ASE's advice and the protocol's defaults). Both start from the input positions and cell
+    with Maxwell-Boltzmann velocities at ``temperature_K`` from ``seed`` (zero total momentum), run
+    ``equilibration_steps`` that are discarded, then ``steps`` sampled every ``sample_every`` steps
+    (``steps // sample_every`` samples per trajectory). Reported: mean volume ``volume_A3`` (and per
+    atom), mean pressure ``pressure_bar`` (virial plus kinetic, bar) and temperature
+    ``temperature_K`` (kinetic, 3N degrees of freedom) over the samples; the volume's standard error
+    is the spread of the independent replicas' means, ``std(ddof=1) / sqrt(R)``, when ``R >= 2``
+    replicas ran (the model route), else from ``n_blocks`` contiguous block means of the one
+    trajectory (``std(ddof=1) / sqrt(n_blocks)``; leading samples that do not fill a block are
+    dropped); ``stderr_method`` says which. The lattice-constant equivalent is ``a = a_in *
+    (V / V_in)^(1/3)`` with ``a_in`` as for the EOS (cube root of the mean volume; its standard error
+    ``a * se_V / (3 V)``). Volume error (%) = ``100 (V_model - V_oracle) / V_oracle``, with its
+    standard error from the two; a run that produced non-finite values, left the volume range, or
+    (model route) lost a replica to a failure criterion is flagged (``ok: False`` with ``problem``) with
+    no numbers, and counted in ``n_failed``. New unit suffixes: ``_bar``, ``_K``, ``_fs``.
 """
 
 from __future__ import annotations
@@ -187,15 +209,18 @@ def lattice_constant_errors(structures, model_calc: Calculator, oracle_calc: Cal
     """Model vs oracle EOS per structure: lattice constant (Å, %), volume (%), bulk modulus (GPa).
 
     ``structures``: a mapping name -> ``ase.Atoms`` or a sequence (named by index); ``eos_kw`` go to
-    :func:`equation_of_state` for both calculators. Errors are model minus oracle; a structure whose
+    :func:`equation_of_state` for both calculators (``lattice_constant`` may be a mapping name -> Å, for
+    supercells of different lattices). Errors are model minus oracle; a structure whose
     fit failed with either calculator has no errors and is counted in ``n_failed`` (the summary
     covers the others: MAE, max |error|, mean signed error).
     """
     items = list(structures.items()) if isinstance(structures, Mapping) else [(str(i), s) for i, s in enumerate(structures)]
     per, a_err, a_pct, v_pct, b_err = {}, [], [], [], []
+    lattice = eos_kw.pop("lattice_constant", None)
     for name, atoms in items:
-        ref = equation_of_state(atoms, oracle_calc, **eos_kw)
-        mod = equation_of_state(atoms, model_calc, **eos_kw)
+        kw = dict(eos_kw, lattice_constant=lattice.get(name) if isinstance(lattice, Mapping) else lattice)
+        ref = equation_of_state(atoms, oracle_calc, **kw)
+        mod = equation_of_state(atoms, model_calc, **kw)
         row: dict[str, Any] = {"oracle": ref, "model": mod, "ok": bool(ref["ok"] and mod["ok"])}
         if row["ok"]:
             if ref["a0_A"] is not None:
@@ -449,3 +474,327 @@ def inference_speed(n_atoms: int, n_steps: int, seconds: float, n_replicas: int 
     rate = n_atoms * n_steps * n_replicas / seconds
     return {"atom_steps_per_s": float(rate), "katoms_per_s": katoms_per_s(rate), "seconds": float(seconds),
             "n_atoms": int(n_atoms), "n_steps": int(n_steps), "n_replicas": int(n_replicas)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Volume at temperature (NPT)
+# ---------------------------------------------------------------------------------------------
+NPT_VOLUME_RANGE = (1.0 / 3.0, 3.0)  # V / V_in outside this: the run is flagged as blown up (ASE route)
+
+
+def _npt_checks(atoms, temperature_K, steps, equilibration_steps, sample_every, n_blocks, timestep_fs, where,
+                blocks: bool = True):
+    """ValueError for inputs no NPT run can use (before any compute); returns the number of samples."""
+    if not np.all(atoms.pbc):
+        raise ValueError(f"{where}: NPT needs a cell periodic in all three directions, got pbc={atoms.pbc.tolist()}")
+    if not abs(np.linalg.det(np.array(atoms.cell))) > 0:
+        raise ValueError(f"{where}: the cell has zero volume")
+    if not (np.isfinite(temperature_K) and temperature_K > 0):
+        raise ValueError(f"{where}: temperature_K must be > 0, got {temperature_K}")
+    if not (np.isfinite(timestep_fs) and timestep_fs > 0):
+        raise ValueError(f"{where}: timestep_fs must be > 0, got {timestep_fs}")
+    if int(sample_every) != sample_every or sample_every < 1:
+        raise ValueError(f"{where}: sample_every must be a positive integer, got {sample_every}")
+    for key, value in (("steps", steps), ("equilibration_steps", equilibration_steps)):
+        if int(value) != value or value < (1 if key == "steps" else 0) or value % sample_every:
+            raise ValueError(f"{where}: {key} ({value}) must be a {'positive' if key == 'steps' else 'non-negative'} "
+                             f"multiple of sample_every ({sample_every})")
+    n = int(steps) // int(sample_every)
+    if blocks and (int(n_blocks) < 2 or n < int(n_blocks)):
+        raise ValueError(f"{where}: block averaging needs n_blocks >= 2 and at least n_blocks samples; got n_blocks="
+                         f"{n_blocks}, {n} samples (steps {steps} / sample_every {sample_every})")
+    return n
+
+
+def block_stderr(x, n_blocks: int = 10) -> float:
+    """Standard error of the mean of a correlated series from ``n_blocks`` contiguous block means.
+
+    ``std(block means, ddof=1) / sqrt(n_blocks)``; the first ``len(x) % n_blocks`` samples are dropped
+    so the blocks are equal. Blocks much longer than the correlation time give an unbiased estimate.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    b = x.size // int(n_blocks)
+    if n_blocks < 2 or b < 1:
+        raise ValueError(f"{x.size} samples cannot make {n_blocks} blocks (need n_blocks >= 2)")
+    means = x[x.size - b * n_blocks:].reshape(n_blocks, b).mean(axis=1)
+    return float(means.std(ddof=1) / math.sqrt(n_blocks))
+
+
+def _npt_result(method: str, atoms, v_in: float, a_in, volume, pressure, temperature, se_v, se_p, stderr_method,
+                n_samples: int, **extra) -> dict[str, Any]:
+    """The shared result dict of both NPT routes (numbers None unless given)."""
+    n = len(atoms)
+    out: dict[str, Any] = {
+        "method": method,
+        "n_atoms": n,
+        "v_input_A3": v_in,
+        "a_input_A": _f(a_in),
+        "volume_A3": _f(volume),
+        "volume_per_atom_A3": None if volume is None else float(volume) / n,
+        "volume_stderr_A3": _f(se_v),
+        "volume_per_atom_stderr_A3": None if se_v is None else float(se_v) / n,
+        "stderr_method": stderr_method,
+        "pressure_bar": _f(pressure),
+        "pressure_stderr_bar": _f(se_p),
+        "temperature_K": _f(temperature),
+        "linear_scale": None,
+        "cell_lengths_A": None,
+        "a_A": None,
+        "a_stderr_A": None,
+        "n_samples": int(n_samples),
+    }
+    if volume is not None and volume > 0:
+        s = (float(volume) / v_in) ** (1.0 / 3.0)
+        out["linear_scale"] = s
+        out["cell_lengths_A"] = (np.linalg.norm(np.array(atoms.cell), axis=1) * s).tolist()
+        if a_in is not None:
+            out["a_A"] = float(a_in) * s
+            out["a_stderr_A"] = None if se_v is None else out["a_A"] * float(se_v) / (3.0 * float(volume))
+    out.update(extra)
+    return out
+
+
+def npt_volume_ase(atoms, calc: Calculator, temperature_K: float, pressure_bar: float = 1.01325,
+                   timestep_fs: float = 2.0, steps: int = 20000, equilibration_steps: int = 5000,
+                   tdamp_fs: float | None = None, pdamp_fs: float | None = None, seed: int = 0,
+                   sample_every: int = 10, n_blocks: int = 10, tchain: int = 3, pchain: int = 3,
+                   lattice_constant: float | None = None) -> dict[str, Any]:
+    """Mean volume (Å^3) of ``atoms`` at ``temperature_K`` / ``pressure_bar`` by ASE's ``IsotropicMTKNPT`` with ``calc``.
+
+    The oracle route of :func:`volume_at_temperature` (see the module docstring): ``calc`` must give
+    forces and stress; ``tdamp_fs`` / ``pdamp_fs`` default to 100 / 1000 timesteps. One trajectory,
+    so the volume's standard error is from ``n_blocks`` block means. ``atoms`` is not modified.
+    A run whose energy, volume, pressure or temperature turns non-finite, that raises inside the
+    calculator, or whose volume leaves ``NPT_VOLUME_RANGE`` times the input is flagged, not raised.
+    """
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+
+    n_samples = _npt_checks(atoms, temperature_K, steps, equilibration_steps, sample_every, n_blocks, timestep_fs,
+                            "npt_volume_ase")
+    if atoms.constraints:
+        raise ValueError("npt_volume_ase: ASE's IsotropicMTKNPT does not support constraints; remove them")
+    tdamp_fs = 100.0 * timestep_fs if tdamp_fs is None else float(tdamp_fs)
+    pdamp_fs = 1000.0 * timestep_fs if pdamp_fs is None else float(pdamp_fs)
+    if not (tdamp_fs > 0 and pdamp_fs > 0):
+        raise ValueError(f"npt_volume_ase: tdamp_fs and pdamp_fs must be > 0, got {tdamp_fs}, {pdamp_fs}")
+    at = atoms.copy()
+    at.calc = calc
+    try:
+        at.get_stress()
+    except NotImplementedError as err:  # PropertyNotImplementedError is one
+        raise ValueError(f"npt_volume_ase: the calculator gives no stress ({err}); NPT needs it") from None
+    v_in = float(atoms.get_volume())
+    a_in = lattice_constant if lattice_constant is not None else _cubic_edge(np.array(atoms.cell))
+    thermalize_momenta(at, temperature_K, rng=np.random.default_rng(seed))
+    Stationary(at, preserve_temperature=False)  # zero total momentum, as jax-md's initial momenta (not rescaled)
+    dyn = IsotropicMTKNPT(at, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
+                          pressure_au=pressure_bar * units.bar, tdamp=tdamp_fs * units.fs, pdamp=pdamp_fs * units.fs,
+                          tchain=tchain, pchain=pchain)
+    settings = {
+        "temperature_target_K": float(temperature_K), "pressure_target_bar": float(pressure_bar),
+        "timestep_fs": float(timestep_fs), "steps": int(steps), "equilibration_steps": int(equilibration_steps),
+        "sample_every": int(sample_every), "tdamp_fs": tdamp_fs, "pdamp_fs": pdamp_fs, "seed": int(seed),
+        "n_replicas": 1,
+    }
+    lo, hi = NPT_VOLUME_RANGE
+    vol, pres, temp = [], [], []
+    problem = None
+    done = 0
+    try:
+        with np.errstate(all="ignore"):
+            for k in range(int(equilibration_steps) // int(sample_every) + n_samples):
+                dyn.run(int(sample_every))
+                done += int(sample_every)
+                v = float(at.get_volume())
+                e = float(at.get_potential_energy())
+                p = -float(np.trace(at.get_stress(voigt=False, include_ideal_gas=True))) / 3.0 / units.bar
+                t = float(at.get_temperature())
+                if not all(np.isfinite(x) for x in (v, e, p, t)) or not np.all(np.isfinite(at.positions)):
+                    problem = f"non-finite energy, volume, pressure or temperature at step {done}"
+                    break
+                if not lo < v / v_in < hi:
+                    problem = f"volume {v:.4g} Å^3 at step {done} left [{lo:.3g}, {hi:.3g}] x the input volume"
+                    break
+                if done > equilibration_steps:
+                    vol.append(v), pres.append(p), temp.append(t)
+    except (FloatingPointError, ValueError, RuntimeError, MemoryError, np.linalg.LinAlgError) as err:
+        problem = f"the run failed at step {done}: {type(err).__name__}: {err}"
+    if problem is not None:
+        return _npt_result("ase IsotropicMTKNPT", atoms, v_in, a_in, None, None, None, None, None, None, len(vol),
+                           ok=False, problem=problem, n_blocks=None, **settings)
+    vol, pres = np.array(vol), np.array(pres)
+    b = n_samples // int(n_blocks)
+    return _npt_result("ase IsotropicMTKNPT", atoms, v_in, a_in, vol.mean(), pres.mean(), float(np.mean(temp)),
+                       block_stderr(vol, n_blocks), block_stderr(pres, n_blocks),
+                       f"block averaging: {int(n_blocks)} blocks of {b} samples", n_samples,
+                       ok=True, problem=None, n_blocks=int(n_blocks), **settings)
+
+
+def _chunk_steps(total: int, every: int, target: int = 2000) -> int:
+    """Steps per compiled chunk: the largest multiple of ``every`` up to ``target`` that divides ``total`` (one
+    chunk shape), unless that is under a quarter of ``target`` (then a shorter last chunk, compiled once more)."""
+    m, cap = total // every, max(1, target // every)
+    best = max(d for d in range(1, min(m, cap) + 1) if m % d == 0)
+    return (best if 4 * best >= min(m, cap) else min(m, cap)) * every
+
+
+def npt_volume_jaxbench(model, atoms, temperature_K: float, pressure_bar: float = 1.01325, timestep_fs: float = 2.0,
+                        steps: int = 20000, equilibration_steps: int = 5000, replicas: int = 4, seed: int = 0,
+                        params=None, barostat_tau_fs: float | None = None, tau_fs: float | None = None,
+                        sample_every: int = 10, n_blocks: int = 10, chain_length: int = 3,
+                        max_compression: float = 0.15, lattice_constant: float | None = None,
+                        cutoff: float | None = None, devices: int | None = None) -> dict[str, Any]:
+    """Mean volume (Å^3) of ``atoms`` at ``temperature_K`` and ``pressure_bar`` by ``jaxbench.md.simulate`` (NPT).
+
+    The model route of :func:`volume_at_temperature`, with the keys of :func:`npt_volume_ase`.
+    ``model``: anything :func:`jaxbench.md.simulate` takes (an ``EnergyModel`` such as
+    ``md.lennard_jones(...)``, a ``Potential`` with ``params``, a graph function with ``cutoff``).
+    ``replicas`` independent trajectories (replica r's velocities from ``fold_in(PRNGKey(seed), r)``)
+    run as one compiled batch; the standard error is that of the replicas' means (``replicas >= 2``)
+    or from ``n_blocks`` block means of the one trajectory. ``tau_fs`` / ``barostat_tau_fs`` default
+    to 100 / 1000 timesteps. A replica stopped by a failure criterion (non-finite, temperature, or
+    compressed beyond ``max_compression``, which the neighbour list covers) flags the result.
+    ``n_samples`` counts the samples of all replicas. JAX must run in float64
+    (``jax.config.update("jax_enable_x64", True)``).
+    """
+    from . import md
+    from .md.failures import describe_failure
+
+    if int(replicas) != replicas or replicas < 1:
+        raise ValueError(f"npt_volume_jaxbench: replicas must be a positive integer, got {replicas}")
+    n_samples = _npt_checks(atoms, temperature_K, steps, equilibration_steps, sample_every, n_blocks, timestep_fs,
+                            "npt_volume_jaxbench", blocks=replicas < 2)  # replicas >= 2: their means give the error
+    R, every = int(replicas), int(sample_every)
+    total = int(equilibration_steps) + int(steps)
+    protocol = md.Protocol(ensemble="npt_nose_hoover", temperature_K=float(temperature_K),
+                           timestep_fs=float(timestep_fs), steps=total, replicas=R, save_every=every, chunk_steps=_chunk_steps(total, every),
+                           pressure_bar=float(pressure_bar), barostat_tau_fs=barostat_tau_fs, tau_fs=tau_fs,
+                           chain_length=int(chain_length), max_compression=float(max_compression),
+                           name="npt_volume")
+    protocol.validate()  # a protocol error (e.g. a timestep above the engine's limit) before anything compiles
+    pos = np.array(atoms.positions, dtype=np.float64)
+    start = md.Start.make(np.stack([pos] * R), atoms.numbers, np.array(atoms.cell, dtype=np.float64), atoms.pbc)
+    v_in = float(atoms.get_volume())
+    a_in = lattice_constant if lattice_constant is not None else _cubic_edge(np.array(atoms.cell))
+    settings = {
+        "temperature_target_K": float(temperature_K), "pressure_target_bar": float(pressure_bar),
+        "timestep_fs": float(timestep_fs), "steps": int(steps), "equilibration_steps": int(equilibration_steps),
+        "sample_every": every, "tau_fs": 100.0 * timestep_fs if tau_fs is None else float(tau_fs),
+        "barostat_tau_fs": 1000.0 * timestep_fs if barostat_tau_fs is None else float(barostat_tau_fs),
+        "seed": int(seed), "n_replicas": R,
+    }
+    method = "jaxbench md npt_nose_hoover (jax-md isotropic MTK)"
+    res = md.simulate(model, start, protocol, params=params, seed=seed, progress=False, cutoff=cutoff,
+                      devices=devices, keep_arrays=True)
+    arr = res.arrays
+    sampled = np.asarray(arr["step"]) > int(equilibration_steps)
+    vol = np.asarray(arr["volume"])[:, sampled]
+    pres = np.asarray(arr["pressure"])[:, sampled]
+    temp = np.asarray(arr["temperature"])[:, sampled]
+    failed = [int(r) for r in np.nonzero(res.failed)[0]]
+    problem = None
+    if failed:
+        problem = "; ".join(f"replica {r} failed at step {int(res.failure_step[r])}: "
+                            f"{describe_failure(res.failure_reason[r])}" for r in failed)
+    elif not (np.all(np.isfinite(vol)) and np.all(np.isfinite(pres)) and np.all(np.isfinite(temp))):
+        problem = "non-finite volume, pressure or temperature in the sampled frames"
+    elif vol.shape[1] != n_samples:  # the bookkeeping of steps / sample_every, checked
+        problem = f"{vol.shape[1]} sampled frames per replica, expected {n_samples}"
+    extra = {"failed_replicas": failed, **settings}
+    if problem is not None:
+        return _npt_result(method, atoms, v_in, a_in, None, None, None, None, None, None, vol.size, ok=False,
+                           problem=problem, n_blocks=None, replica_volumes_A3=None, **extra)
+    v_r, p_r = vol.mean(axis=1), pres.mean(axis=1)
+    if R >= 2:
+        se_v, se_p = (float(x.std(ddof=1) / math.sqrt(R)) for x in (v_r, p_r))
+        how, nb = f"replica means: {R} independent replicas", None
+    else:
+        se_v, se_p = block_stderr(vol[0], n_blocks), block_stderr(pres[0], n_blocks)
+        how, nb = f"block averaging: {int(n_blocks)} blocks of {n_samples // int(n_blocks)} samples", int(n_blocks)
+    return _npt_result(method, atoms, v_in, a_in, vol.mean(), pres.mean(), temp.mean(), se_v, se_p, how, vol.size,
+                       ok=True, problem=None, n_blocks=nb, replica_volumes_A3=v_r.tolist(), **extra)
+
+
+def volume_errors(pairs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[str, Any]:
+    """Model vs oracle NPT volumes per structure and their summary; pure arithmetic on result dicts.
+
+    ``pairs[name] = (oracle, model)``, each a result of :func:`npt_volume_ase` /
+    :func:`npt_volume_jaxbench` (only ``ok``, ``problem``, ``volume_A3``, ``volume_stderr_A3`` and
+    ``a_A`` are read). Errors are model minus oracle: volume in % of the oracle's (with its standard
+    error ``100 sqrt(se_m^2 + se_o^2) / V_o`` and ``volume_error_z``, the difference in those
+    standard errors), lattice constant in Å and %. A structure where either run failed has no
+    errors and counts in ``n_failed``.
+    """
+    per, v_pct, a_err, a_pct = {}, [], [], []
+    for name, (ref, mod) in pairs.items():
+        row: dict[str, Any] = {"oracle": ref, "model": mod, "ok": bool(ref["ok"] and mod["ok"]),
+                               "volume_error_pct": None, "volume_error_stderr_pct": None, "volume_error_z": None,
+                               "a_error_A": None, "a_error_pct": None}
+        if row["ok"]:
+            vo, vm = float(ref["volume_A3"]), float(mod["volume_A3"])
+            row["volume_error_pct"] = 100.0 * (vm - vo) / vo
+            ses = [ref.get("volume_stderr_A3"), mod.get("volume_stderr_A3")]
+            if all(s is not None for s in ses):
+                se = math.hypot(*ses)
+                row["volume_error_stderr_pct"] = 100.0 * se / vo
+                row["volume_error_z"] = (vm - vo) / se if se > 0 else None
+            if ref.get("a_A") is not None and mod.get("a_A") is not None:
+                row["a_error_A"] = float(mod["a_A"]) - float(ref["a_A"])
+                row["a_error_pct"] = 100.0 * row["a_error_A"] / float(ref["a_A"])
+        else:
+            row["problem"] = "; ".join(f"{who}: {r.get('problem')}" for who, r in (("oracle", ref), ("model", mod))
+                                       if not r["ok"])
+        v_pct.append(row["volume_error_pct"])
+        a_err.append(row["a_error_A"])
+        a_pct.append(row["a_error_pct"])
+        per[name] = row
+    return {
+        "structures": per,
+        "n_structures": len(per),
+        "n_failed": sum(not r["ok"] for r in per.values()),
+        "summary": {
+            "volume_error_pct": _error_summary(v_pct),
+            "a_error_A": _error_summary(a_err),
+            "a_error_pct": _error_summary(a_pct),
+        },
+    }
+
+
+_NPT_COMMON = ("pressure_bar", "timestep_fs", "steps", "equilibration_steps", "seed", "sample_every", "n_blocks",
+               "lattice_constant")
+
+
+def volume_at_temperature(structures, model, oracle_calc: Calculator, temperature_K: float, params=None,
+                          oracle_kw: Mapping[str, Any] | None = None, model_kw: Mapping[str, Any] | None = None,
+                          **kw) -> dict[str, Any]:
+    """MS25's volume error at temperature: per structure the oracle's NPT volume (:func:`npt_volume_ase`
+    with ``oracle_calc``) and the model's (:func:`npt_volume_jaxbench` with ``model`` / ``params``).
+
+    ``structures``: a mapping name -> ``ase.Atoms`` or a sequence (named by index). ``kw`` go to both
+    routes (``pressure_bar``, ``timestep_fs``, ``steps``, ``equilibration_steps``, ``seed``,
+    ``sample_every``, ``n_blocks``, ``lattice_constant``: Å, or a mapping name -> Å for supercells of
+    different lattices); ``tau_fs`` / ``barostat_tau_fs`` set the
+    coupling times of both (ASE's ``tdamp_fs`` / ``pdamp_fs``); ``replicas`` goes to the model route;
+    ``oracle_kw`` / ``model_kw`` to one route only. Returns :func:`volume_errors` of the runs: per
+    structure both results and the errors, a summary (MAE, max |error|, mean signed error) of the
+    volume error (%) and lattice-constant error (Å, %), and ``n_failed``.
+    """
+    unknown = sorted(set(kw) - set(_NPT_COMMON) - {"tau_fs", "barostat_tau_fs", "replicas"})
+    if unknown:
+        raise ValueError(f"volume_at_temperature: unknown keyword(s) {unknown}; "
+                         "use oracle_kw= / model_kw= for one route")
+    common = {k: kw[k] for k in _NPT_COMMON if k in kw}
+    lattice = common.pop("lattice_constant", None)
+    ase_names = {"tau_fs": "tdamp_fs", "barostat_tau_fs": "pdamp_fs"}
+    ase_kw = {**common, **{ase_names[k]: kw[k] for k in ase_names if k in kw}, **(oracle_kw or {})}
+    jax_kw = {**common, **{k: kw[k] for k in ("tau_fs", "barostat_tau_fs", "replicas") if k in kw}, **(model_kw or {})}
+    items = (list(structures.items()) if isinstance(structures, Mapping)
+             else [(str(i), s) for i, s in enumerate(structures)])
+    pairs = {}
+    for name, atoms in items:
+        a = lattice.get(name) if isinstance(lattice, Mapping) else lattice
+        ref = npt_volume_ase(atoms, oracle_calc, temperature_K, **{"lattice_constant": a, **ase_kw})
+        mod = npt_volume_jaxbench(model, atoms, temperature_K, params=params, **{"lattice_constant": a, **jax_kw})
+        pairs[name] = (ref, mod)
+    return volume_errors(pairs)

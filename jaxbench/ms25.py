@@ -12,6 +12,9 @@ reused as in ``jaxbench bench``):
                  same for model and EMT) of ``compositions`` random equimolar alloys (2-5 of EMT's metals,
                  32-atom conventional supercells at the Vegard lattice constant): lattice-constant errors
                  in Å and %, bulk modulus in GPa (MS25 Fig. 5a-b); MD speed in katoms/s (Fig. 7).
+``volume``       the ``hea`` model's mean NPT volume at ``volume_temperature_K`` (300 K) and 1 bar of the first
+                 ``volume_structures`` (3) alloys against EMT's (ASE's isotropic MTK NPT): MS25's volume error at
+                 temperature (its zeolite volumes), in % with its standard error.
 ``surface``      train on ``surface-emt``; forward / reverse barrier of the adatom hop by ASE's climbing-image
                  NEB through the model, started from EMT's path as MS25 started from DFT's (Fig. 5c).
 ``extensivity``  train on ``bulk-emt-2`` (32 atoms) and on ``bulk-emt-4`` (256 atoms); each model's E/F/S
@@ -32,7 +35,7 @@ import numpy as np
 
 from . import runs
 
-PARTS = ("hea", "surface", "extensivity", "rate")
+PARTS = ("hea", "volume", "surface", "extensivity", "rate")
 DEFAULT_FRAMES = {"hea-emt": 300, "surface-emt": 200, "bulk-emt-2": 200, "bulk-emt-4": 200}
 DEFAULT_RATE_SIZES = (50, 100, 200, 400, 800)
 
@@ -148,6 +151,22 @@ def _part_hea(model, out, train_kw, data_dir, frames, seed, compositions, log):
             "speed": md_speed(tr.run_dir, speed_atoms)}
 
 
+def _part_volume(model, out, train_kw, data_dir, frames, seed, n_structures, temperature_K, steps, log):
+    from ase.calculators.emt import EMT
+
+    from .materials import volume_at_temperature
+
+    ds = generated_dataset("hea-emt", frames["hea-emt"], seed, data_dir, log)
+    tr = _train(model, ds, out / "train-hea", train_kw)  # the hea part's run (reused)
+    pot, params = runs.load_potential(tr.run_dir, "best")
+    alloys = dict(list(random_alloys(max(n_structures, 1), seed).items())[:n_structures])
+    res = volume_at_temperature({k: a for k, (a, _) in alloys.items()}, pot, EMT(), temperature_K, params=params,
+                                lattice_constant={k: a0 for k, (_, a0) in alloys.items()}, timestep_fs=2.0,
+                                steps=steps, equilibration_steps=steps // 3, replicas=4, seed=seed)
+    return dict(res, temperature_K=temperature_K, pressure_bar=1.01325, steps_sampled=steps, dataset=ds,
+                method="model: jaxbench NPT (jax-md MTK), 4 replicas; EMT: ASE IsotropicMTKNPT, one run, block errors")
+
+
 def _part_surface(model, out, train_kw, data_dir, frames, seed, log, neb_steps: int = 300):
     from ase.calculators.emt import EMT
 
@@ -208,7 +227,8 @@ def _part_rate(model, out, train_kw, data_dir, dataset, sizes, n_test, log):
 
 def run_ms25(model, out, *, budget="5m", max_epochs: int | None = None, parts: Sequence[str] = PARTS,
              compositions: int = 50, rate_dataset: str = "md17-ethanol", rate_sizes: Sequence[int] = DEFAULT_RATE_SIZES,
-             rate_n_test: int | None = 500, frames: dict | None = None, seed: int = 0, n_val: int | None = None,
+             rate_n_test: int | None = 500, volume_structures: int = 3, volume_temperature_K: float = 300.0,
+             volume_steps: int = 3000, frames: dict | None = None, seed: int = 0, n_val: int | None = None,
              data_dir=None, progress: bool = True) -> dict[str, Any]:
     """Run the MS25 parts (see the module docstring) for ``model`` into ``out``; returns ms25.json's content.
 
@@ -236,6 +256,10 @@ def run_ms25(model, out, *, budget="5m", max_epochs: int | None = None, parts: S
         jobs = {
             "hea": (dict(common, frames=frames["hea-emt"], compositions=compositions),
                     lambda: _part_hea(card, out, train_kw, data_dir, frames, seed, compositions, log)),
+            "volume": (dict(common, frames=frames["hea-emt"], structures=volume_structures, T=volume_temperature_K,
+                            steps=volume_steps),
+                       lambda: _part_volume(card, out, train_kw, data_dir, frames, seed, volume_structures,
+                                            volume_temperature_K, volume_steps, log)),
             "surface": (dict(common, frames=frames["surface-emt"]),
                         lambda: _part_surface(card, out, train_kw, data_dir, frames, seed, log)),
             "extensivity": (dict(common, frames=[frames["bulk-emt-2"], frames["bulk-emt-4"]]),
@@ -296,7 +320,7 @@ def ms25_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
                 ext_rows.append([m, pair, _fmt(v.get("energy_mae_meV_atom"), 2), _fmt(v.get("forces_mae_meV_A"), 1),
                                  _fmt(v.get("stress_mae_meV_A3"), 2)])
         hea, surf = _result(r, "hea"), _result(r, "surface")
-        if hea or surf:
+        if hea or surf or _result(r, "volume"):
             row = [m]
             if hea:
                 s = hea["eos"]["summary"]
@@ -304,6 +328,12 @@ def ms25_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
                         f"{hea['eos']['n_structures'] - hea['eos']['n_failed']}/{hea['eos']['n_structures']}"]
             else:
                 row += ["-"] * 4
+            vol = _result(r, "volume")
+            if vol:
+                sv = vol["summary"]["volume_error_pct"]
+                row += [_fmt(sv["mae"], 2), f"{vol['n_structures'] - vol['n_failed']}/{vol['n_structures']}"]
+            else:
+                row += ["-", "-"]
             if surf:
                 neb = surf["neb"]
                 fwd = lambda d: d.get("barrier_forward_eV") if d.get("converged") else None  # noqa: E731
@@ -335,10 +365,11 @@ def ms25_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
                                       "(MS25 Fig. 4)",
                              "header": ["model", "train->test", "E MAE meV/atom", "F MAE meV/Å", "S MAE meV/Å³"],
                              "rows": ext_rows},
-        "ms25_observables": {"title": "Observables against EMT: HEA lattice constant / bulk modulus (Murnaghan EOS), adatom hop "
-                                      "barrier (CI-NEB) (MS25 Fig. 5)",
+        "ms25_observables": {"title": "Observables against EMT: HEA lattice constant / bulk modulus (Murnaghan EOS), NPT volume at "
+                                      "300 K, adatom hop barrier (CI-NEB) (MS25 Fig. 5)",
                              "header": ["model", "a0 MAE Å", "a0 MAE %", "B MAE GPa", "EOS fits ok",
-                                        "barrier model eV", "barrier EMT eV", "error eV"], "rows": obs_rows},
+                                        "V(T) MAE %", "V(T) ok", "barrier model eV", "barrier EMT eV", "error eV"],
+                             "rows": obs_rows},
         "ms25_accuracy": {"title": "Test errors on the generated EMT sets",
                           "header": ["model", "dataset", "E MAE meV/atom", "F MAE meV/Å", "S MAE meV/Å³"], "rows": acc_rows},
         "ms25_speed": {"title": "MD speed (MS25 Fig. 7; one replica, NVT, compile excluded)",

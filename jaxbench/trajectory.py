@@ -11,11 +11,12 @@ H5MD readers understand; replicas can stop at different steps without padding):
         species                        [N] int32 atomic numbers (time-independent)
         mass                           [N] float64 amu (time-independent)
         box/                           attrs dimension=3, boundary=['periodic'|'none'] * 3
-            edges                      [3, 3] Å, ROWS are the lattice vectors (fixed cell)
+            edges                      [3, 3] Å, ROWS are the lattice vectors (the start cell)
     /particles/replica_001/ ...
     /observables/replica_000/
         potential_energy, kinetic_energy, conserved_energy  {step,time,value [T]} eV
         temperature                                         {step,time,value [T]} K
+        volume, pressure, box_edges (NPT only)              Å³, bar (virial + kinetic), [T, 3, 3] Å the cell
     /parameters/jaxbench               attrs: protocol (JSON), frames_committed, steps_done, failed [R],
                                        failure_step [R] (-1: none), failure_reason [R] (bit mask,
                                        see jaxbench.md.FAILURE_REASONS), complete (bool), model, ...
@@ -395,7 +396,7 @@ def read(path, replicas=None) -> dict[str, Any]:
 
 def to_extxyz(path, out, replica: int = 0, every: int = 1) -> int:
     """Write one replica of an H5MD trajectory as extended XYZ (via ASE): positions, velocities,
-    forces and potential energy per frame. Returns the number of frames written."""
+    forces and potential energy per frame (NPT: each frame's cell). Returns the number of frames written."""
     import ase
     import ase.io
     import ase.units
@@ -404,7 +405,8 @@ def to_extxyz(path, out, replica: int = 0, every: int = 1) -> int:
     tr = read(path, replicas=[replica])
     images = []
     for t in range(0, len(tr["step"]), every):
-        atoms = ase.Atoms(numbers=tr["species"], positions=tr["position"][0, t], cell=tr["cell"], pbc=tr["pbc"])
+        cell = tr["box_edges"][0, t] if "box_edges" in tr else tr["cell"]  # NPT: the frame's own cell
+        atoms = ase.Atoms(numbers=tr["species"], positions=tr["position"][0, t], cell=cell, pbc=tr["pbc"])
         atoms.set_masses(tr["mass"])
         atoms.set_velocities(tr["velocity"][0, t] / ase.units.fs)  # Å/fs -> ASE units
         atoms.calc = SinglePointCalculator(atoms, energy=float(tr["potential_energy"][0, t]), forces=tr["force"][0, t])

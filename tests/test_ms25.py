@@ -97,12 +97,14 @@ def test_ms25_pipeline_on_tiny_settings_and_its_rerun(tmp_path, monkeypatch):
     card["training"].update(batch_size=4, valid_batch_size=4)
     frames = {"hea-emt": 30, "surface-emt": 20, "bulk-emt-2": 20, "bulk-emt-4": 20}
     kw = dict(budget=None, max_epochs=1, compositions=2, rate_dataset="hea-emt-n30-s0", rate_sizes=(8, 16, 24),
-              rate_n_test=3, frames=frames, data_dir=tmp_path / "data", progress=False)
+              rate_n_test=3, volume_structures=1, volume_steps=150, frames=frames, data_dir=tmp_path / "data", progress=False)
     r = ms25.run_ms25(card, tmp_path / "out", **kw)
     p = {k: v["result"] for k, v in r["parts"].items()}
     assert set(p) == set(ms25.PARTS)
     assert p["hea"]["eos"]["n_structures"] == 2 and p["hea"]["speed"]["katoms_per_s"] > 0
     assert p["hea"]["accuracy"]["forces_mae_meV_A"] > 0
+    assert p["volume"]["n_structures"] == 1 and p["volume"]["structures"]["00-" + next(iter(
+        ms25.random_alloys(1)))[3:]]["oracle"]["volume_A3"] > 0
     neb = p["surface"]["neb"]["oracle"]
     assert neb["converged"] and neb["barrier_forward_eV"] == pytest.approx(0.421, abs=0.01)  # Cu/Cu(100) hop, EMT
     assert set(p["extensivity"]["matrix"]) == {"small->small", "small->big", "big->small", "big->big"}
