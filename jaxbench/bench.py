@@ -161,7 +161,7 @@ def _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle
             and (not plots or stages.plots_present(out, previous.get("plots")))):
         for k in scored:
             res[k] = previous[k]
-        res["scores_reused"] = True
+        res["scored"], res["scoring_key"], res["scores_reused"] = scored, scoring_key, True
         if plots:
             res["plots"] = previous["plots"]
     else:

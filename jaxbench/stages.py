@@ -317,15 +317,23 @@ def simulate_stage(run_dir: Path, spec, proto, *, oracle=None, oracle_name: str 
 
 
 def trajectories_sha256(out: Path) -> dict[str, str]:
-    """sha256 of every trajectory (H5MD file) in a bench directory: what the scores are computed from."""
+    """A digest of every trajectory (H5MD file) in a bench directory: what the scores are computed from.
+    Of the committed frames and the failure flags, not of the file's bytes (a resumed, finished run
+    rewrites its attributes without changing a frame)."""
     import hashlib
+
+    from .trajectory import read
 
     digests = {}
     for p in sorted(Path(out).glob("*.h5")):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        tr, h = read(p), hashlib.sha256()
+        for k in sorted(tr):
+            if isinstance(tr[k], np.ndarray):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(tr[k]).tobytes())
+        info = tr["info"]
+        for k in ("failed", "failure_step", "failure_reason", "steps_done", "frames_committed", "complete"):
+            h.update(f"{k}={np.asarray(info.get(k)).tolist()}".encode())
         digests[p.name] = h.hexdigest()
     return digests
 
