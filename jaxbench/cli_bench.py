@@ -52,7 +52,8 @@ def cmd_bench(args) -> int:
     if args.model is None and args.run is None:
         raise JaxbenchError("bench needs --model CARD (to train) or --run RUN (a trained run directory)")
     if args.task == "ms25":
-        from .ms25 import PARTS, run_ms25, summary_lines
+        from .ms25 import PARTS, ms25_tables, run_ms25
+        from .report import markdown_table
 
         out = args.out or f"bench/{args.model}-ms25"
         sizes = [int(x) for x in args.rate_sizes.split(",")] if args.rate_sizes else None
@@ -61,7 +62,7 @@ def cmd_bench(args) -> int:
                        rate_dataset=args.rate_dataset, **({"rate_sizes": sizes} if sizes else {}),
                        rate_n_test=args.n_test or 500, seed=args.seed, n_val=args.n_val, data_dir=args.data_dir,
                        progress=not args.quiet)
-        print("\n".join(summary_lines(res)))
+        print("\n".join(markdown_table(t) for t in ms25_tables([res]).values() if t["rows"]))
         print(f"results: {Path(out) / 'ms25.json'}; tables: jaxbench report {out} --paper ms25")
         return 0
     if args.task:

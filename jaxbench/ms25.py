@@ -56,7 +56,7 @@ def random_alloys(n: int, seed: int = 0, repeat: int = 2, elements: Sequence[str
     lattice constant: ``{name: (atoms, lattice_constant_A)}``, names like ``"03-CuNiPt"``."""
     from ase.build import bulk
 
-    from .generate.emt import EMT_METALS, _alloy_lattice
+    from .generate.emt import EMT_METALS, alloy_lattice
 
     elements = tuple(elements or EMT_METALS)
     rng = np.random.default_rng(seed)
@@ -64,7 +64,7 @@ def random_alloys(n: int, seed: int = 0, repeat: int = 2, elements: Sequence[str
     for i in range(n):
         k = int(rng.integers(2, min(5, len(elements)) + 1))
         els = [elements[j] for j in sorted(rng.choice(len(elements), size=k, replace=False))]
-        a0 = _alloy_lattice(els)
+        a0 = alloy_lattice(els)
         atoms = bulk("Cu", "fcc", a=a0, cubic=True).repeat(repeat)
         sym = [els[m % k] for m in range(len(atoms))]
         rng.shuffle(sym)
@@ -376,9 +376,3 @@ def ms25_tables(results: list[dict]) -> dict[str, dict[str, Any]]:
                        "header": ["model", "system", "atoms", "katoms/s"], "rows": speed_rows},
     }
 
-
-def summary_lines(res: dict) -> list[str]:
-    """The tables of one run as markdown lines (printed by the CLI)."""
-    from .report import markdown_table
-
-    return [markdown_table(t) for t in ms25_tables([res]).values() if t["rows"]]

@@ -49,7 +49,7 @@ def _md(atoms, temperature_K, steps, every, rng, timestep_fs=2.0, friction=0.02)
     return out
 
 
-def _alloy_lattice(symbols) -> float:
+def alloy_lattice(symbols) -> float:
     from ase.data import atomic_numbers, reference_states
 
     return float(np.mean([reference_states[atomic_numbers[s]]["a"] for s in symbols]))
@@ -74,7 +74,7 @@ def hea_emt(frames: int, seed: int, log=None, compositions=DEFAULT_COMPOSITIONS,
         rep = repeats[(i // len(comps)) % len(repeats)]
         T = temperatures_K[(i // (len(comps) * len(repeats))) % len(temperatures_K)]
         i += 1
-        a0 = _alloy_lattice(els)
+        a0 = alloy_lattice(els)
         atoms = bulk("Cu", "fcc", a=a0, cubic=True).repeat(rep)
         n = len(atoms)
         # equimolar random assignment (the remainder goes to random elements)
