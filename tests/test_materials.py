@@ -427,33 +427,6 @@ def test_force_shifted_lj_calculator_is_the_md_potential():
         assert s[voigt] == pytest.approx((energy(strain=eps) - energy(strain=-eps)) / (2 * h) / v, abs=1e-8)
 
 
-def test_npt_volume_jaxbench_bookkeeping_matches_the_ase_route():
-    """A short jaxbench NPT run (2 replicas): the keys of the ASE route, the sampled frames, the replica SE."""
-    from jaxbench import md
-
-    t0 = time.perf_counter()
-    at = argon()
-    kw = dict(pressure_bar=1.0, timestep_fs=5.0, steps=100, equilibration_steps=50, sample_every=10, n_blocks=5,
-              seed=1, lattice_constant=5.5)
-    r = materials.npt_volume_jaxbench(md.lennard_jones(SIGMA, EPS, RC), at, 40.0, replicas=2, barostat_tau_fs=500.0,
-                                      tau_fs=100.0, devices=1, **kw)
-    check_npt_bookkeeping(r, at, 5.5)
-    assert r["n_replicas"] == 2 and r["n_samples"] == 20 and r["n_blocks"] is None and r["failed_replicas"] == []
-    assert r["stderr_method"] == "replica means: 2 independent replicas"
-    vr = r["replica_volumes_A3"]
-    assert len(vr) == 2 and vr[0] != vr[1]  # independent velocities
-    assert r["volume_A3"] == pytest.approx(np.mean(vr), rel=1e-12)
-    assert r["volume_stderr_A3"] == pytest.approx(abs(vr[0] - vr[1]) / 2, rel=1e-9)  # std(ddof=1)/sqrt(2)
-    assert r["tau_fs"] == pytest.approx(100.0) and r["barostat_tau_fs"] == pytest.approx(500.0)
-    assert 0.97 < r["linear_scale"] < 1.03  # a short run near the 1 bar volume
-    # the oracle route with the same potential returns the same keys
-    a = materials.npt_volume_ase(at, ForceShiftedLJ(), 40.0, tdamp_fs=100.0, pdamp_fs=500.0, **kw)
-    check_npt_bookkeeping(a, at, 5.5)
-    assert set(a) - {"tdamp_fs", "pdamp_fs"} == set(r) - {"tau_fs", "barostat_tau_fs", "failed_replicas",
-                                                           "replica_volumes_A3"}
-    print(f"jaxbench NPT bookkeeping: {time.perf_counter() - t0:.1f} s")
-
-
 def test_volume_errors_arithmetic_on_hand_made_results():
     def res(v, se, a=None, ok=True, problem=None):
         return {"ok": ok, "problem": problem, "volume_A3": v, "volume_stderr_A3": se, "a_A": a}
