@@ -205,6 +205,12 @@ def _error_summary(errors: Sequence[float | None]) -> dict[str, Any]:
     return {"mae": float(np.abs(e).mean()), "max_abs": float(np.abs(e).max()), "mean": float(e.mean()), "n": int(e.size)}
 
 
+def _comparison(per: dict, **errors) -> dict[str, Any]:
+    """Per-structure model-vs-oracle rows and the summary of each error list (None entries: a failed fit)."""
+    return {"structures": per, "n_structures": len(per), "n_failed": sum(not r["ok"] for r in per.values()),
+            "summary": {k: _error_summary(v) for k, v in errors.items()}}
+
+
 def lattice_constant_errors(structures, model_calc: Calculator, oracle_calc: Calculator, **eos_kw) -> dict[str, Any]:
     """Model vs oracle EOS per structure: lattice constant (Å, %), volume (%), bulk modulus (GPa).
 
@@ -238,17 +244,7 @@ def lattice_constant_errors(structures, model_calc: Calculator, oracle_calc: Cal
         v_pct.append(row["v0_error_pct"])
         b_err.append(row["B_error_GPa"])
         per[name] = row
-    return {
-        "structures": per,
-        "n_structures": len(items),
-        "n_failed": sum(not r["ok"] for r in per.values()),
-        "summary": {
-            "a0_error_A": _error_summary(a_err),
-            "a0_error_pct": _error_summary(a_pct),
-            "v0_error_pct": _error_summary(v_pct),
-            "B_error_GPa": _error_summary(b_err),
-        },
-    }
+    return _comparison(per, a0_error_A=a_err, a0_error_pct=a_pct, v0_error_pct=v_pct, B_error_GPa=b_err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,16 +393,23 @@ def size_extensivity(predictions: Mapping[tuple[str, str], Mapping[str, Any]],
         if test not in references:
             raise ValueError(f"no reference labels for test set '{test}'")
         matrix[f"{train}->{test}"] = {"train": train, "test": test, **prediction_errors(pred, references[test])}
+    ratios = extensivity_ratios(matrix, ("energy_mae_meV_per_atom", "force_mae_meV_per_A", "stress_mae_meV_per_A3"))
+    return {"matrix": matrix, "ratios": ratios}
+
+
+def extensivity_ratios(matrix: Mapping[str, Mapping[str, Any]], quantities: Sequence[str]) -> dict[str, Any]:
+    """Each transferred error over the error of the model trained on the test size: for every
+    ``"a->b"`` entry of ``matrix`` with ``a != b``, ``"a->b / b->b"`` -> {quantity: ratio or None}."""
     ratios = {}
     for key, row in matrix.items():
-        own = matrix.get(f"{row['test']}->{row['test']}")
-        if own is None or row["train"] == row["test"]:
+        train, test = key.split("->")
+        own = matrix.get(f"{test}->{test}")
+        if own is None or train == test:
             continue
-        ratios[f"{key} / {row['test']}->{row['test']}"] = {
-            q: (row[q] / own[q] if row[q] is not None and own[q] not in (None, 0.0) else None)
-            for q in ("energy_mae_meV_per_atom", "force_mae_meV_per_A", "stress_mae_meV_per_A3")
+        ratios[f"{key} / {test}->{test}"] = {
+            q: (row[q] / own[q] if row.get(q) is not None and own.get(q) not in (None, 0.0) else None) for q in quantities
         }
-    return {"matrix": matrix, "ratios": ratios}
+    return ratios
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,16 +752,7 @@ def volume_errors(pairs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]
         a_err.append(row["a_error_A"])
         a_pct.append(row["a_error_pct"])
         per[name] = row
-    return {
-        "structures": per,
-        "n_structures": len(per),
-        "n_failed": sum(not r["ok"] for r in per.values()),
-        "summary": {
-            "volume_error_pct": _error_summary(v_pct),
-            "a_error_A": _error_summary(a_err),
-            "a_error_pct": _error_summary(a_pct),
-        },
-    }
+    return _comparison(per, volume_error_pct=v_pct, a_error_A=a_err, a_error_pct=a_pct)
 
 
 _NPT_COMMON = ("pressure_bar", "timestep_fs", "steps", "equilibration_steps", "seed", "sample_every", "n_blocks",

@@ -188,6 +188,8 @@ def _part_surface(model, out, train_kw, data_dir, frames, seed, log, neb_steps: 
 
 
 def _part_extensivity(model, out, train_kw, data_dir, frames, seed, log):
+    from .materials import extensivity_ratios
+
     sets = {"small": generated_dataset("bulk-emt-2", frames["bulk-emt-2"], seed, data_dir, log),
             "big": generated_dataset("bulk-emt-4", frames["bulk-emt-4"], seed, data_dir, log)}
     trainings, matrix = {}, {}
@@ -197,13 +199,7 @@ def _part_extensivity(model, out, train_kw, data_dir, frames, seed, log):
         for b, ds in sets.items():
             m = _accuracy(tr.run_dir, ds, data_dir)
             matrix[f"{a}->{b}"] = {k: m.get(k) for k in ("energy_mae_meV_atom", "forces_mae_meV_A", "stress_mae_meV_A3")}
-    ratios = {}
-    for b in sets:
-        own = matrix[f"{b}->{b}"]
-        for a in sets:
-            if a != b:
-                ratios[f"{a}->{b} / {b}->{b}"] = {k: (matrix[f"{a}->{b}"][k] / own[k] if own.get(k) else None)
-                                                 for k in own}
+    ratios = extensivity_ratios(matrix, ("energy_mae_meV_atom", "forces_mae_meV_A", "stress_mae_meV_A3"))
     return {"datasets": sets, "training": {k: t.section for k, t in trainings.items()}, "matrix": matrix,
             "ratio_to_same_size": ratios}
 

@@ -117,3 +117,12 @@ def test_ms25_pipeline_on_tiny_settings_and_its_rerun(tmp_path, monkeypatch):
     assert main(["report", str(tmp_path / "out"), "--paper", "ms25", "--out", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Size extensivity" in text and "MS25: MACE" in text and "nequip-tiny" in text
+
+
+def test_extensivity_ratios_by_hand():
+    from jaxbench.materials import extensivity_ratios
+
+    m = {"small->small": {"f": 2.0, "s": None}, "small->big": {"f": 3.0, "s": 1.0},
+         "big->small": {"f": 5.0, "s": 1.0}, "big->big": {"f": 4.0, "s": 0.0}}
+    assert extensivity_ratios(m, ("f", "s")) == {"small->big / big->big": {"f": 0.75, "s": None},
+                                                 "big->small / small->small": {"f": 2.5, "s": None}}

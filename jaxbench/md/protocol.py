@@ -160,16 +160,12 @@ class Protocol:
             raise bad("steps", f"steps ({self.steps}) must be a multiple of save_every ({self.save_every})")
         if self.ensemble == "nvt_langevin" and not self.friction_per_fs > 0:
             raise bad("friction_per_fs", f"Langevin friction must be > 0 1/fs, got {self.friction_per_fs}")
-        if self.ensemble == "nvt_nose_hoover":
+        if self.ensemble in ("nvt_nose_hoover", "npt_nose_hoover"):
             if self.tau_fs is not None and not self.tau_fs > 0:
                 raise bad("tau_fs", f"Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
             if int(self.chain_length) < 1:
                 raise bad("chain_length", f"chain_length must be >= 1, got {self.chain_length}")
-        if self.ensemble == "npt_nose_hoover":
-            if self.tau_fs is not None and not self.tau_fs > 0:
-                raise bad("tau_fs", f"Nosé–Hoover tau must be > 0 fs, got {self.tau_fs}")
-            if int(self.chain_length) < 1:
-                raise bad("chain_length", f"chain_length must be >= 1, got {self.chain_length}")
+        if self.npt:
             if not np.isfinite(self.pressure_bar):
                 raise bad("pressure_bar", f"pressure must be finite, got {self.pressure_bar}")
             if self.barostat_tau_fs is not None and not (np.isfinite(self.barostat_tau_fs) and self.barostat_tau_fs > 0):
