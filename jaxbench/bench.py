@@ -153,7 +153,7 @@ def _run_stages(out, spec, dataset, proto, settings, run, run_dir, model, oracle
     res["simulation"] = sim.section
 
     # scores are a pure function of the committed trajectories and the settings: an earlier run's are kept
-    # when those are byte for byte the same (and its plots were drawn, where plots are wanted)
+    # while the frames' digest and the settings are the same (and its plots were drawn, where plots are wanted)
     scoring_key = dict(trajectories_sha256=stages.trajectories_sha256(out), protocol=proto.to_dict(),
                        settings=dataclasses.asdict(settings), dataset=dataset, oracle=oracle_name, seed=seed)
     scored = previous.get("scored")
