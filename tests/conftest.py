@@ -7,13 +7,29 @@ data directory through the project's own `jaxbench.data.fetch`, exactly as a use
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+# One persistent XLA compilation cache for the whole test session: the xdist workers and every subprocess
+# the tests start (fault injection, CLI, notebook) inherit it from the environment, so a program compiled
+# once (the same chunk in a killed and a resumed run, the same training step in two `train()` calls,
+# anything recompiled after the map-count clearing below) is loaded instead of compiled again. Fresh per
+# session and removed at its end: nothing carries over between CI runs. Set before JAX is imported, which
+# reads these variables then; JAXBENCH_TEST_COMPILATION_CACHE=0 turns it off, a user's own
+# JAX_COMPILATION_CACHE_DIR is respected.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("JAXBENCH_TEST_COMPILATION_CACHE", "1") != "0":
+    _cache = tempfile.mkdtemp(prefix="jaxbench-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    atexit.register(shutil.rmtree, _cache, True)
 
-import jaxbench
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import jaxbench  # noqa: E402
 
 # glibc writes its fatal messages (heap corruption, failed asserts) to the terminal, not to stderr, unless
 # this is set: a worker that aborts inside native code then says why in the CI log.

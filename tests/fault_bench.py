@@ -2,7 +2,9 @@
 
 The quickstart's Lennard-Jones argon (data generated once into WORKDIR), mace-small trained for a fixed
 number of epochs (not a wall-clock budget, so an interrupted run has one right answer), 2 replicas x 300
-steps with the Lennard-Jones oracle. Every call continues what the previous ones left in OUT."""
+steps with the Lennard-Jones oracle. Every call continues what the previous ones left in OUT.
+``python tests/fault_bench.py WORKDIR --data-only`` only generates the data (so that the timed reference run
+that kill moments are drawn from does not include it)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ def main(argv):
     work, out = Path(argv[0]), Path(argv[1])
     if not (work / "cards" / "data" / f"{quickstart.DATASET}.yaml").is_file():
         quickstart.generate_dataset(work, n_cells=2, equilibration_steps=500, progress=False)
+    if argv[1] == "--data-only":
+        return 0
     cards.add_path(work / "cards")
     bench(quickstart.model_card(), quickstart.DATASET, out, train_budget=None, max_epochs=2, n_train=40, n_val=10,
           protocol=quickstart.protocol(), steps=300, replicas=2, oracle=quickstart.oracle(), progress=False,
