@@ -176,10 +176,11 @@ class FrameGraphs:
         `sizes` fixes them; `n_graph` reserves room for that many graphs (for a short last batch)."""
         if sizes is None:
             idx = np.asarray(indices, dtype=np.int64)
+            n_graph = max(len(idx), n_graph or 0)
             sizes = policy.sizes(
-                int(self.frames.n_atoms[idx].sum()),
-                int(self.n_edges[idx].sum()),
-                max(len(idx), n_graph or 0),
+                _as_full(int(self.frames.n_atoms[idx].sum()), len(idx), n_graph),
+                _as_full(int(self.n_edges[idx].sum()), len(idx), n_graph),
+                n_graph,
                 edges_per_node=self.edges_per_node,
             )
         return batch_graph(self, indices, policy=policy, sizes=sizes)
@@ -194,7 +195,8 @@ class FrameGraphs:
         parts = np.array_split(idx, n_shards)
         per = -(-max(len(idx), n_graph or 0) // n_shards)
         sizes = [
-            policy.sizes(int(self.frames.n_atoms[q].sum()), int(self.n_edges[q].sum()), per, edges_per_node=self.edges_per_node)
+            policy.sizes(_as_full(int(self.frames.n_atoms[q].sum()), len(q), per),
+                         _as_full(int(self.n_edges[q].sum()), len(q), per), per, edges_per_node=self.edges_per_node)
             for q in parts
         ]
         common = tuple(max(sz[k] for sz in sizes) for k in range(3))
@@ -220,6 +222,13 @@ class FrameGraphs:
         nodes = np.sort(self.frames.n_atoms)[::-1][:batch_size].sum()
         edges = np.sort(self.n_edges)[::-1][:batch_size].sum()
         return policy.sizes(int(nodes), int(edges), batch_size, edges_per_node=self.edges_per_node)
+
+
+def _as_full(total: int, k: int, n_graph: int) -> int:
+    """A short batch's total (atoms or edges of ``k`` frames) scaled to ``n_graph`` frames: padded like a
+    full batch, a short last batch has the full batches' shape (one compilation less per training run when
+    the frames are of one size) and its shape depends on the data alone (resumed runs pick the same)."""
+    return -(-total * n_graph // k) if 0 < k < n_graph else total
 
 
 def build_graphs(frames: Frames, cutoff: float, progress: bool = False) -> FrameGraphs:

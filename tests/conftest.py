@@ -90,3 +90,41 @@ def data_root(_isolated_data_dir):
     if MIRROR is None:
         pytest.skip("no data mirror: set JAXBENCH_DATA_MIRROR")
     return _isolated_data_dir
+
+
+class CompileCounter:
+    """Counts XLA compilations of jitted functions by name while active (JAX's own compile log, which
+    reports each compilation, also those the persistent cache then serves): ``with CompileCounter() as c:
+    ...; c["train_step"]``."""
+
+    def __init__(self):
+        import collections
+        import logging
+
+        self.counts = collections.Counter()
+        counter = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if msg.startswith("Compiling ") and " with global shapes" in msg:
+                    counter.counts[msg[len("Compiling "):].split(" with global shapes")[0]] += 1
+
+        self.handler = Handler()
+
+    def __enter__(self):
+        import logging
+
+        self.log_compiles = jax.log_compiles(True)
+        self.log_compiles.__enter__()
+        logging.getLogger("jax").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("jax").removeHandler(self.handler)
+        self.log_compiles.__exit__(*exc)
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[f"jit({name})"]

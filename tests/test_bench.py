@@ -176,6 +176,7 @@ def test_model_against_itself_scores_zero(quickstart_run, monkeypatch):
     assert not third["scores_reused"]
 
 
+@pytest.mark.slow  # the engine's RDF criterion itself: tests/test_md.py (default suite)
 def test_rdf_stability_runs_inside_the_md_engine(quickstart_run):
     """bench hands FaNE's RDF criterion to the MD engine: with Delta = 0 every replica fails at its
     first full window, is dated at the window's start (frame 0), is frozen from the judged frame on,

@@ -110,8 +110,8 @@ def test_se3_labels_rotation_invariant_and_padding_safe():
         vectors = jnp.where(edge_mask[:, None], pos[s] - pos[r], 0.0)  # padding: zero vectors on purpose
         return module.apply(params, vectors, species, s, r, edge_mask, node_mask).sum()
 
-    params = module.init(jax.random.PRNGKey(0), jnp.asarray(positions[s] - positions[r]), species, s, r, edge_mask,
-                         node_mask)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(positions[s] - positions[r]), species, s, r,
+                                  edge_mask, node_mask)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
     fn = jax.jit(jax.value_and_grad(energy, argnums=1))
     e0, g0 = fn(params, jnp.asarray(positions))

@@ -117,23 +117,25 @@ def _tiny_graph(n=4, seed=0):
 
 @pytest.mark.parametrize("arch,hp", [
     ("mace", {"hidden_irreps": "4x0e+4x1o", "max_ell": 2, "correlation": 3, "num_interactions": 3, "radial_mlp": [8]}),
-    ("botnet", {"hidden_irreps": "4x0e+4x1o+4x2e", "max_ell": 3, "num_interactions": 3, "radial_mlp": [8]}),
+    pytest.param("botnet", {"hidden_irreps": "4x0e+4x1o+4x2e", "max_ell": 3, "num_interactions": 3, "radial_mlp": [8]},
+                 marks=pytest.mark.slow),  # shares MACE's interaction code; padding of every card: test_models
 ])
 def test_padding_edges_do_not_contribute_and_output_is_per_atom(arch, hp):
     module = build_module(arch, 3, 4.0, {"r_max": 5.0, **hp})
     vec, species, send, recv, em, nm = _tiny_graph()
-    params = module.init(jax.random.PRNGKey(0), jnp.asarray(vec), species, send, recv, em, nm)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(vec), species, send, recv, em, nm)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-    e = module.apply(params, jnp.asarray(vec), species, send, recv, em, nm)
+    apply = jax.jit(module.apply)  # op-by-op, a three-layer model takes most of a minute
+    e = apply(params, jnp.asarray(vec), species, send, recv, em, nm)
     assert e.shape == (5,) and e[-1] == 0.0 and np.all(np.isfinite(e))
     # Moving the padding edges (any length, even inside the cutoff) changes nothing: they are masked.
     vec2 = vec.copy()
     vec2[~em] = [0.5, 0.3, 1.0]
-    e2 = module.apply(params, jnp.asarray(vec2), species, send, recv, em, nm)
+    e2 = apply(params, jnp.asarray(vec2), species, send, recv, em, nm)
     np.testing.assert_allclose(np.asarray(e2), np.asarray(e), atol=1e-13)
     # float32 parameters and inputs give float32 energies.
     p32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    e32 = module.apply(p32, jnp.asarray(vec, jnp.float32), species, send, recv, em, nm)
+    e32 = apply(p32, jnp.asarray(vec, jnp.float32), species, send, recv, em, nm)
     assert e32.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(e32), np.asarray(e), rtol=1e-3, atol=1e-4 * np.abs(e).max())
 
@@ -195,8 +197,8 @@ def test_force_loss_gradient_matches_finite_differences(arch):
     vec = jnp.asarray(vec)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), module.init(jax.random.PRNGKey(0), vec, species, send, recv, em, nm))
     energy = lambda p, v: jnp.sum(module.apply(p, v, species, send, recv, em, nm))  # noqa: E731
-    loss = lambda p: jnp.sum(jax.grad(energy, 1)(p, vec) ** 2)  # noqa: E731
-    grads = jax.grad(loss)(params)
+    loss = jax.jit(lambda p: jnp.sum(jax.grad(energy, 1)(p, vec) ** 2))
+    grads = jax.jit(jax.grad(loss))(params)  # compiled: op-by-op, second order through the model takes a minute
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
     direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])

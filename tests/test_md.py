@@ -154,12 +154,8 @@ def test_replicas_reproducible_independent_and_batching_modes():
     # same seeds: same trajectories, whether replicas are lax.map-ped or vmapped (batched step
     # with one outer rebuild cond, or a plain vmap of the per-replica chunk)
     # and whether they run on one device or are split over two (3 replicas: one padding copy)
-    assert len(jax.local_devices()) == 2
-    for mode, devices in (("vmap", None), ("vmap_select", None), ("map", 1), ("vmap", 1)):
-        b = md.simulate(LJ, st3, p, seed=7, progress=False, batch=mode, devices=devices).arrays
-        assert b["position"].shape[0] == 3
-        np.testing.assert_allclose(a["position"], b["position"], atol=1e-9)
-        np.testing.assert_allclose(a["temperature"], b["temperature"], rtol=1e-9)
+    # (the default suite checks the vmap layout in test_failure_freezes_one_replica_others_go_on; every
+    # layout and device count: test_batching_modes_give_the_same_trajectories, slow)
     # distinct replicas: different velocities from the start
     v0 = a["velocity"][:, 0]
     assert np.abs(v0[0] - v0[1]).max() > 1e-3 and np.abs(v0[1] - v0[2]).max() > 1e-3
@@ -180,6 +176,36 @@ def test_replicas_reproducible_independent_and_batching_modes():
     assert np.abs(d["position"][:, -1] - a["position"][:, -1]).max() > 1e-3
 
 
+def test_a_run_compiles_its_chunk_once():
+    """Its first chunk starts from arrays on one device, the next from the previous chunk's outputs, which
+    are replicated over the 2-device mesh: both must hit one compiled program (jit keys on sharding)."""
+    from .conftest import CompileCounter
+
+    st = argon(2, replicas=2)
+    p = proto(ensemble="nvt_langevin", temperature_K=97.5, steps=150, chunk_steps=50, capacity_multiplier=2.0)
+    with CompileCounter() as c:
+        res = md.simulate(LJ, st, p, seed=1, progress=False)
+    assert res.devices == 2 and res.n_reallocations == 0 and res.steps_done == 150
+    assert c["chunk"] == 1, c.counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,devices", [("vmap", None), ("vmap_select", None), ("map", 1), ("vmap", 1)])
+def test_batching_modes_give_the_same_trajectories(mode, devices):
+    """Same seeds, same trajectories whether replicas are lax.map-ped or vmapped (batched step with one
+    outer rebuild cond, or a plain vmap of the per-replica chunk), on one device or split over two
+    (3 replicas: one padding copy)."""
+    st3 = argon(2, replicas=3, jitter=0.02)
+    p = proto(ensemble="nvt_langevin", steps=100, chunk_steps=50, replicas=3)
+    a = md.simulate(LJ, st3, p, seed=7, progress=False).arrays
+    assert len(jax.local_devices()) == 2
+    b = md.simulate(LJ, st3, p, seed=7, progress=False, batch=mode, devices=devices).arrays
+    assert b["position"].shape[0] == 3
+    np.testing.assert_allclose(a["position"], b["position"], atol=1e-9)
+    np.testing.assert_allclose(a["temperature"], b["temperature"], rtol=1e-9)
+
+
+@pytest.mark.slow  # the re-allocate-and-rerun path: test_model_edge_overflow_... and the replicas test (default)
 def test_neighbor_overflow_reallocates_and_reruns_chunk():
     """Capacity exactly the initial pair count, list radius (cutoff + skin = 7.0 Å) just inside the
     third FCC shell (7.10 Å): vibrations bring shell pairs in, the list overflows; the engine must
@@ -218,13 +244,18 @@ def test_model_edge_overflow_reallocates_and_reruns_chunk():
 # ------------------------------------------------------------------------------------------ failures
 
 
-def test_failure_freezes_one_replica_others_go_on():
-    """Replica 1 starts with two atoms 1.6 Å apart under LJ: it explodes; replica 0 is untouched."""
+def exploding_second_replica():
+    """Two argon replicas, the second with two atoms 1.6 Å apart (it explodes under LJ), and an NVE protocol."""
     st = argon(2, replicas=2)
     pos = st.positions.copy()
     pos[1, 1] = pos[1, 0] + [1.6, 0.0, 0.0]
-    st2 = md.Start.make(pos, st.numbers, st.cell, True)
-    p = proto(ensemble="nve", steps=200, chunk_steps=100, timestep_fs=5.0)
+    return md.Start.make(pos, st.numbers, st.cell, True), proto(ensemble="nve", steps=200, chunk_steps=100, timestep_fs=5.0)
+
+
+def test_failure_freezes_one_replica_others_go_on():
+    """Replica 1 starts with two atoms 1.6 Å apart under LJ: it explodes; replica 0 is untouched."""
+    st2, p = exploding_second_replica()
+    st, pos = st2, st2.positions
     res = md.simulate(LJ, st2, p, seed=0, progress=False)
     assert list(res.failed) == [False, True]
     k = int(res.failure_step[1])
@@ -244,11 +275,17 @@ def test_failure_freezes_one_replica_others_go_on():
     res_v = md.simulate(LJ, st2, p, seed=0, progress=False, batch="vmap")
     assert list(res_v.failed) == [False, True] and res_v.failure_step[1] == k
     np.testing.assert_allclose(res_v.arrays["position"], a["position"], atol=1e-9)
-    # and so do both layouts on one device (the default splits the two replicas over two devices)
-    for batch in ("map", "vmap"):
-        one = md.simulate(LJ, st2, p, seed=0, progress=False, batch=batch, devices=1)
-        assert list(one.failed) == [False, True] and one.failure_step[1] == k
-        np.testing.assert_allclose(one.arrays["position"], a["position"], atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", ["map", "vmap"])
+def test_failure_freezes_the_same_on_one_device(batch):
+    """Both layouts on one device freeze a failing replica as the default (two devices) does."""
+    st2, p = exploding_second_replica()
+    a = md.simulate(LJ, st2, p, seed=0, progress=False)
+    one = md.simulate(LJ, st2, p, seed=0, progress=False, batch=batch, devices=1)
+    assert list(one.failed) == [False, True] and one.failure_step[1] == a.failure_step[1]
+    np.testing.assert_allclose(one.arrays["position"], a.arrays["position"], atol=1e-9)
 
 
 def test_bond_criterion_for_molecules_and_failure_hook():
@@ -278,7 +315,8 @@ def test_bond_criterion_for_molecules_and_failure_hook():
         md.simulate(LJ, st, proto(steps=300, chunk_steps=100), failure_fn=0.3, progress=False)
 
 
-def test_rdf_stability_hook_in_engine_matches_post_hoc():
+@pytest.mark.parametrize("batch", ["map", pytest.param("vmap", marks=pytest.mark.slow)])
+def test_rdf_stability_hook_in_engine_matches_post_hoc(batch):
     """FaNE's windowed RDF criterion inside the compiled rollout (metrics.rdf_stability_hook) dates
     each replica's failure at the same frame as metrics.stability_rdf on the saved frames, freezes it
     there, and leaves a replica that stays below the threshold running."""
@@ -301,21 +339,20 @@ def test_rdf_stability_hook_in_engine_matches_post_hoc():
     assert 0 < expect[0] < T - window
 
     hook = M.rdf_stability_hook(g_ref, cell, True, st.numbers, r_max, dr, window, threshold)
-    for batch in ("map", "vmap"):
-        res = md.simulate(LJ, st, p, seed=3, failure_fn=hook, progress=False, batch=batch)
-        for k in range(2):
-            if expect[k] >= T - window + 1:
-                assert not res.failed[k]
-                continue
-            assert res.failed[k] and res.failure_reason[k] == 8, (batch, k, md.describe_failure(res.failure_reason[k]))
-            assert res.failure_step[k] == expect[k] * p.save_every, (batch, k, res.failure_step[k], expect[k])
-            detect = expect[k] + window - 1  # frame at which the window ending there was judged
-            pos = res.arrays["position"][k]
-            np.testing.assert_allclose(pos[: detect + 1], free.arrays["position"][k, : detect + 1], atol=1e-8)
-            assert np.all(pos[detect:] == pos[detect])  # frozen at the judged state
-            # the post hoc criterion on the hooked run's own frames agrees
-            gk = np.asarray(M.rdf_frames(pos[: detect + 1], cell, True, st.numbers, r_max, dr)[1])
-            assert int(M.stability_rdf(gk, g_ref, dr, window, threshold)) == expect[k]
+    res = md.simulate(LJ, st, p, seed=3, failure_fn=hook, progress=False, batch=batch)
+    for k in range(2):
+        if expect[k] >= T - window + 1:
+            assert not res.failed[k]
+            continue
+        assert res.failed[k] and res.failure_reason[k] == 8, (batch, k, md.describe_failure(res.failure_reason[k]))
+        assert res.failure_step[k] == expect[k] * p.save_every, (batch, k, res.failure_step[k], expect[k])
+        detect = expect[k] + window - 1  # frame at which the window ending there was judged
+        pos = res.arrays["position"][k]
+        np.testing.assert_allclose(pos[: detect + 1], free.arrays["position"][k, : detect + 1], atol=1e-8)
+        assert np.all(pos[detect:] == pos[detect])  # frozen at the judged state
+        # the post hoc criterion on the hooked run's own frames agrees
+        gk = np.asarray(M.rdf_frames(pos[: detect + 1], cell, True, st.numbers, r_max, dr)[1])
+        assert int(M.stability_rdf(gk, g_ref, dr, window, threshold)) == expect[k]
 
 
 # ------------------------------------------------------------------------------------------ gradients
@@ -471,6 +508,7 @@ def test_cli_simulate(data_root, tmp_path, capsys):
     assert "timestep" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the criterion in the engine: test_rdf_stability_hook_in_engine_matches_post_hoc (default)
 def test_cli_simulate_rdf_stability(data_root, tmp_path, capsys):
     """`--rdf-stability` puts FaNE's RDF criterion (reference: LiPS's test frames) into the engine: with
     Delta = 0 both replicas fail at their first full window, dated at its start."""

@@ -48,7 +48,7 @@ def failing_start():
     return md.Start.make(pos, st.numbers, st.cell, True)
 
 
-@pytest.mark.parametrize("ensemble, devices", [("nvt_langevin", 2), ("nvt_nose_hoover", 1)])
+@pytest.mark.parametrize("ensemble, devices", [("nvt_langevin", 2), pytest.param("nvt_nose_hoover", 1, marks=pytest.mark.slow)])
 def test_resume_after_a_crash_is_bit_identical(tmp_path, ensemble, devices):
     """Langevin (the RNG key is state) over 2 devices, Nosé–Hoover (the chain is state) on one, a failed
     replica in both; crashed after the second of four chunks and resumed."""

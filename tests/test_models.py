@@ -208,7 +208,10 @@ def test_batched_equals_one_by_one(card):
         np.testing.assert_allclose(batched["stress"][f], one["stress"][0], atol=1e-10)
 
 
-@pytest.mark.parametrize("card", SMALL_CARDS)
+# float32 is the training and bench default for every card; the default suite checks the two cards the
+# quickstart and the tests train most (every card: -m slow)
+@pytest.mark.parametrize("card", [c if c in ("mace-small", "allegro-small") else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in SMALL_CARDS])
 def test_float32_close_to_float64(card):
     pot, params64 = potential_and_params(card)
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params64)

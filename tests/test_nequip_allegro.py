@@ -126,7 +126,7 @@ def test_allegro_tensor_track_irreps():
 # ---------------------------------------------------------------------------------------------
 # Both: masking and the cutoff
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("card", ["nequip-small", "allegro-small"])
+@pytest.mark.parametrize("card", [pytest.param("nequip-small", marks=pytest.mark.slow), "allegro-small"])
 def test_padding_and_far_edges_do_not_contribute(card):
     """Masked edges (whatever their vector) and listed pairs beyond r_max change nothing."""
     hp = _hp(card)
@@ -163,7 +163,8 @@ def test_padding_and_far_edges_do_not_contribute(card):
     np.testing.assert_allclose(np.asarray(grad)[far | ~np.asarray(g["edge_mask"])], 0.0, atol=1e-12)
 
 
-@pytest.mark.parametrize("card", ["nequip-small", "allegro-small"])
+# nequip-small's invariance is also in tests/test_models.py (every card): slow here
+@pytest.mark.parametrize("card", [pytest.param("nequip-small", marks=pytest.mark.slow), "allegro-small"])
 def test_rotation_reflection_of_edge_vectors(card):
     hp = _hp(card)
     m = build_module(model_cards()[card]["architecture"], 3, 12.0, hp)

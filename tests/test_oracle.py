@@ -76,7 +76,7 @@ def test_jax_labels_match_ase_lennard_jones_plus_force_shift(nve_run):
     assert list(sub["step"]) == [0, 20, 40, 60]
 
 
-@pytest.mark.parametrize("ensemble", ["nve", "nvt_nose_hoover"])
+@pytest.mark.parametrize("ensemble", ["nve", pytest.param("nvt_nose_hoover", marks=pytest.mark.slow)])
 def test_ase_reference_rollout_reproduces_the_same_physics(ensemble):
     """Model = the JAX shifted LJ, oracle = ASE's LennardJones: same physics, so ASE's VelocityVerlet /
     NoseHooverChainNVT from the model's initial state must retrace the jax-md trajectory (this pins

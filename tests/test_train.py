@@ -470,6 +470,7 @@ def test_swa_average_by_hand_resume_exact_and_used_for_validation(tmp_path):
     np.testing.assert_array_equal(flat(params_off), flat(b["ema_params"]))
 
 
+@pytest.mark.slow
 @requires_data
 def test_plateau_schedule_warmup_scales_the_first_steps(tmp_path):
     """TorchMD-Net's lr warm-up (``warmup_steps`` of reduce_on_plateau): lr x (step + 1) / warmup_steps.
@@ -499,8 +500,14 @@ def test_data_parallel_training_equals_one_device(tmp_path):
     assert len(jax.local_devices()) == 2
     card = tiny_card(batch_size=3)
     kw = dict(KW, n_train=5, checkpoint_every=None, dtype="float64")
+    from .conftest import CompileCounter
+
     one = train(model=card, max_epochs=2, out=tmp_path / "one", budget=None, devices=1, **kw)
-    two = train(model=card, max_epochs=2, out=tmp_path / "two", budget=None, **kw)
+    with CompileCounter() as compiles:
+        two = train(model=card, max_epochs=2, out=tmp_path / "two", budget=None, **kw)
+    # one program for every step: the short last batch is padded like a full one, and the first step's
+    # state (on one device) is put on the mesh where the later steps' state is
+    assert compiles["train_step"] == 1, compiles.counts
     assert one["step"] == two["step"] == 4
     assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == 2
     assert json.loads((tmp_path / "one" / "config.json").read_text())["devices"] == 1
@@ -517,6 +524,7 @@ def test_data_parallel_training_equals_one_device(tmp_path):
         train(model=card, max_epochs=1, out=tmp_path / "three", budget=None, devices=3, **kw)
 
 
+@pytest.mark.slow
 @requires_data
 def test_second_phase_at_the_budget_fraction_or_only_at_the_epoch(tmp_path):
     """With a budget the second phase starts at the card's fraction of it (default) or, with

@@ -129,6 +129,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # SIGKILLed simulate processes leave readable, resumable files: tests/test_faults.py (default)
 def test_killed_run_leaves_readable_file(tmp_path):
     """SIGKILL a real simulation process after it reported chunks written: every finished chunk
     must read back, with consistent steps and finite values."""

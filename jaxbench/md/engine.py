@@ -404,5 +404,19 @@ def chunk_fn(compiled: dict, eng: Engine, n_save: int):
     import jax
 
     if n_save not in compiled:
-        compiled[n_save] = jax.jit(lambda p, c, b, e=eng: e.run_chunk(p, c, b, n_save))
+        def chunk(params, carry, bonds):
+            return eng.run_chunk(params, carry, bonds, n_save)
+
+        f = jax.jit(chunk)
+        if eng.devices > 1:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            from ..devices import mesh
+
+            # a chunk's outputs come back replicated over the mesh, its first inputs (init, a resume, a
+            # re-allocation) on one device: jit keys on the inputs' sharding, so without this every run
+            # compiles its chunk twice (7 s for Lennard-Jones)
+            on_mesh = NamedSharding(mesh(eng.devices, "replica"), PartitionSpec())
+            f = (lambda g: lambda *args: g(*jax.device_put(args, on_mesh)))(f)
+        compiled[n_save] = f
     return compiled[n_save]

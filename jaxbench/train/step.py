@@ -177,7 +177,15 @@ def step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool, devices: 
 
         step = jax.shard_map(train_step, mesh=mesh(devices, axis), in_specs=(P(), P(axis), P(), P(), P()), out_specs=(P(), P(), P()),
                              check_vma=False)
-    fns = (jax.jit(step), jax.jit(lambda p, g: loss_sums(pot(p, g, compute_stress), g, cfg)), jax.jit(pot.module.init))
+    step = jax.jit(step)
+    if axis:
+        from jax.sharding import NamedSharding
+
+        # the step returns the state replicated over the mesh but is first called with the state on one
+        # device: jit keys on the inputs' sharding, so the first step would compile a second time
+        on_mesh = NamedSharding(mesh(devices, axis), P())
+        step = (lambda f: lambda state, *rest: f(jax.device_put(state, on_mesh), *rest))(step)
+    fns = (step, jax.jit(lambda p, g: loss_sums(pot(p, g, compute_stress), g, cfg)), jax.jit(pot.module.init))
     if len(_FN_CACHE) > 8:
         _FN_CACHE.clear()
     _FN_CACHE[key] = fns
