@@ -85,9 +85,13 @@ def test_resume_rewinds_frames_written_after_the_state(tmp_path):
     with pytest.raises(Crash):
         md.simulate(LJ, st, p, seed=1, out=cut, progress=False, resume=True, callback=crash_after(1))
     state_path(cut).write_bytes(state)  # the state of chunk 0, the frames of chunk 1
+    # and a state write that a SIGKILL cut short (its writer's pid in the name)
+    stale = state_path(cut).with_name(state_path(cut).name + ".tmp999999")
+    stale.write_bytes(state[:100])
     assert trajectory.read_info(cut)["frames_committed"] == 11
     md.simulate(LJ, st, p, seed=1, out=cut, progress=False, resume=True)
     same_file(full.path, cut)
+    assert not stale.exists()
 
 
 def test_resume_refuses_another_run_and_names_what_differs(tmp_path):

@@ -83,6 +83,9 @@ def save(path: Path, carry, *, frames_committed: int, steps_done: int, chunks_do
                 fingerprint=fingerprint, timings=timings)
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    for stale in path.parent.glob(path.name + ".tmp*"):  # left by a writer killed mid-write (one writer per run)
+        if stale != tmp:
+            stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), alloc_positions=np.asarray(alloc_positions), **leaves)
