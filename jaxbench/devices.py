@@ -47,3 +47,21 @@ def mesh(n: int, axis: str):
     from jax.sharding import Mesh
 
     return Mesh(np.asarray(jax.local_devices()[:n]), (axis,))
+
+
+def inputs_on_mesh(fn, n: int, axis: str, n_args: int | None = None):
+    """``fn`` (jitted, run over a mesh of `n` devices) called with its first `n_args` arguments (all by
+    default) put replicated on that mesh first. A program over the mesh returns replicated outputs, and
+    the first call of a loop that feeds them back (MD chunks, training steps) gets arrays on one device:
+    jit keys on the inputs' sharding, so without this the loop's program compiles twice."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    on_mesh = NamedSharding(mesh(n, axis), PartitionSpec())
+    k = n_args
+
+    def call(*args):
+        k_ = len(args) if k is None else k
+        return fn(*jax.device_put(args[:k_], on_mesh), *args[k_:])
+
+    return call

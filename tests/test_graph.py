@@ -146,6 +146,12 @@ def test_epoch_compiles_few_shapes(data_root):
     c = [np.asarray(b.energy) for b in fg.batches(4, shuffle=True, seed=2)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    # A short last batch is padded like a full one: frames of one size give one shape for the whole epoch,
+    # on one device and split over two
+    eth = build_graphs(data.load("md17-ethanol", "test")[:7], 5.0)
+    assert len({(b.num_nodes, b.num_edges, b.num_graphs) for b in eth.batches(3)}) == 1
+    full, short = eth.sharded_batch([0, 1, 2], 2, n_graph=3), eth.sharded_batch([6], 2, n_graph=3)
+    assert jax.tree.map(np.shape, full) == jax.tree.map(np.shape, short)
     # One fixed shape that holds every batch.
     sizes = fg.max_sizes(4)
     for idx in np.array_split(np.arange(len(fg)), len(fg) // 4):

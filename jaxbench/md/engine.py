@@ -408,15 +408,9 @@ def chunk_fn(compiled: dict, eng: Engine, n_save: int):
             return eng.run_chunk(params, carry, bonds, n_save)
 
         f = jax.jit(chunk)
-        if eng.devices > 1:
-            from jax.sharding import NamedSharding, PartitionSpec
+        if eng.devices > 1:  # first inputs (init, a resume, a re-allocation) on one device, later ones replicated
+            from ..devices import inputs_on_mesh
 
-            from ..devices import mesh
-
-            # a chunk's outputs come back replicated over the mesh, its first inputs (init, a resume, a
-            # re-allocation) on one device: jit keys on the inputs' sharding, so without this every run
-            # compiles its chunk twice (7 s for Lennard-Jones)
-            on_mesh = NamedSharding(mesh(eng.devices, "replica"), PartitionSpec())
-            f = (lambda g: lambda *args: g(*jax.device_put(args, on_mesh)))(f)
+            f = inputs_on_mesh(f, eng.devices, "replica")
         compiled[n_save] = f
     return compiled[n_save]

@@ -178,13 +178,10 @@ def step_functions(pot, cfg: TrainingConfig, tx, compute_stress: bool, devices: 
         step = jax.shard_map(train_step, mesh=mesh(devices, axis), in_specs=(P(), P(axis), P(), P(), P()), out_specs=(P(), P(), P()),
                              check_vma=False)
     step = jax.jit(step)
-    if axis:
-        from jax.sharding import NamedSharding
+    if axis:  # the state: on one device at the first step, replicated after it
+        from ..devices import inputs_on_mesh
 
-        # the step returns the state replicated over the mesh but is first called with the state on one
-        # device: jit keys on the inputs' sharding, so the first step would compile a second time
-        on_mesh = NamedSharding(mesh(devices, axis), P())
-        step = (lambda f: lambda state, *rest: f(jax.device_put(state, on_mesh), *rest))(step)
+        step = inputs_on_mesh(step, devices, axis, n_args=1)
     fns = (step, jax.jit(lambda p, g: loss_sums(pot(p, g, compute_stress), g, cfg)), jax.jit(pot.module.init))
     if len(_FN_CACHE) > 8:
         _FN_CACHE.clear()
